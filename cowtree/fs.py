@@ -1,0 +1,891 @@
+"""Filesystem objects inside one subvolume tree: inodes, directories, file
+extents, inline data, symlinks, hard links and xattrs.
+
+Every method works inside the volume's running transaction; the caller
+commits.  Names are bytes of 1 to 255 bytes without ``/`` or NUL.  Methods
+raise the namespace errors of :mod:`cowtree.errors`, which are also the
+matching builtin exceptions (``NotFound`` is a ``FileNotFoundError``).
+
+File data: a file of at most ``inline_max`` bytes with no other extent is
+kept inline in its leaf.  Larger files are block-aligned extent items; a
+range without an item is a hole and reads as zeros.  A write never changes
+a block in place: it writes new blocks and splits or drops the items it
+covers (see :meth:`FileSystem._punch`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import stat as stat_module
+import time
+
+from . import ondisk
+from .checksum import crc32c
+from .errors import (CorruptionError, Exists, InvalidArgument, IsADirectory, NameTooLong, NoData,
+                     NotADirectory, NotEmpty, NotFound, NotPermitted, RangeError, ReadOnly, SymlinkLoop, TooBig,
+                     TooManyLinks)
+
+INODE = ondisk.INODE_ITEM_CODEC
+DIRENT = ondisk.DIR_ENTRY_CODEC
+IREF = ondisk.INODE_REF_CODEC
+XATTR = ondisk.XATTR_ENTRY_CODEC
+FE_HEAD = ondisk.FILE_EXTENT_HEAD_CODEC
+FE_REG = ondisk.FILE_EXTENT_REG_CODEC
+BLOCK = ondisk.BLOCK_SIZE
+INODE_ITEM = ondisk.INODE_ITEM
+INODE_REF = ondisk.INODE_REF
+DIR_ITEM = ondisk.DIR_ITEM
+DIR_INDEX = ondisk.DIR_INDEX
+XATTR_ITEM = ondisk.XATTR_ITEM
+EXTENT_DATA = ondisk.EXTENT_DATA
+INLINE = ondisk.FILE_EXTENT_INLINE
+REGULAR = ondisk.FILE_EXTENT_REGULAR
+
+LINK_MAX = 65000
+SYMLINK_HOPS = 40
+XATTR_FLAG_CREATE = 1
+XATTR_FLAG_REPLACE = 2
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+
+
+def name_hash(name: bytes) -> int:
+    """Return the DIR_ITEM and XATTR_ITEM key offset of a name."""
+    return crc32c(name, 0xFFFFFFFE)
+
+
+def dtype_of(mode: int) -> int:
+    """Return the directory entry type (DT_*) of a file mode."""
+    return (mode >> 12) & 0xF
+
+
+def round_up(value: int) -> int:
+    return -(-value // BLOCK) * BLOCK
+
+
+@dataclasses.dataclass
+class Inode:
+    """The decoded INODE_ITEM of one inode."""
+
+    ino: int
+    generation: int = 0
+    size: int = 0
+    nbytes: int = 0
+    nlink: int = 1
+    uid: int = 0
+    gid: int = 0
+    mode: int = 0
+    rdev: int = 0
+    flags: int = 0
+    seq: int = 2
+    atime_ns: int = 0
+    mtime_ns: int = 0
+    ctime_ns: int = 0
+    otime_ns: int = 0
+
+    def encode(self) -> bytes:
+        return INODE.pack(self.generation, self.size, self.nbytes, self.nlink, self.uid, self.gid,
+                          self.mode, self.rdev, self.flags, self.seq, self.atime_ns, self.mtime_ns,
+                          self.ctime_ns, self.otime_ns)
+
+    @classmethod
+    def decode(cls, ino: int, data: bytes) -> "Inode":
+        if len(data) != INODE.size:
+            raise CorruptionError("inode", f"{ino}", "INODE_ITEM has the wrong size", len(data), INODE.size)
+        return cls(ino, *INODE.unpack(data))
+
+    @property
+    def is_dir(self) -> bool:
+        return stat_module.S_ISDIR(self.mode)
+
+    @property
+    def is_reg(self) -> bool:
+        return stat_module.S_ISREG(self.mode)
+
+    @property
+    def is_symlink(self) -> bool:
+        return stat_module.S_ISLNK(self.mode)
+
+
+def check_name(name: bytes) -> None:
+    """Raise unless name is a valid directory entry name."""
+    if not name or name in (b".", b".."):
+        raise InvalidArgument(f"invalid name {name!r}")
+    if len(name) > ondisk.NAME_MAX:
+        raise NameTooLong("File name too long")
+    if b"/" in name or b"\0" in name:
+        raise InvalidArgument(f"invalid name {name!r}: contains '/' or NUL")
+
+
+def encode_dirent(ino: int, dtype: int, name: bytes) -> bytes:
+    return DIRENT.pack(ino, dtype, len(name)) + name
+
+
+def decode_dirents(data: bytes, where: str):
+    """Yield (ino, dtype, name) for each entry packed in a DIR_ITEM or DIR_INDEX."""
+    pos = 0
+    while pos < len(data):
+        if pos + DIRENT.size > len(data):
+            raise CorruptionError("item", where, "truncated directory entry")
+        ino, dtype, name_len = DIRENT.unpack_from(data, pos)
+        pos += DIRENT.size
+        if pos + name_len > len(data):
+            raise CorruptionError("item", where, "directory entry name past the item's end")
+        yield ino, dtype, data[pos:pos + name_len]
+        pos += name_len
+
+
+def decode_refs(data: bytes, where: str):
+    """Yield (index, name) for each entry of an INODE_REF."""
+    pos = 0
+    while pos < len(data):
+        if pos + IREF.size > len(data):
+            raise CorruptionError("item", where, "truncated INODE_REF entry")
+        index, name_len = IREF.unpack_from(data, pos)
+        pos += IREF.size
+        yield index, data[pos:pos + name_len]
+        pos += name_len
+
+
+def decode_xattrs(data: bytes, where: str):
+    """Yield (name, value) for each entry of an XATTR_ITEM."""
+    pos = 0
+    while pos < len(data):
+        if pos + XATTR.size > len(data):
+            raise CorruptionError("item", where, "truncated xattr entry")
+        name_len, value_len = XATTR.unpack_from(data, pos)
+        pos += XATTR.size
+        yield data[pos:pos + name_len], data[pos + name_len:pos + name_len + value_len]
+        pos += name_len + value_len
+
+
+@dataclasses.dataclass
+class FileExtent:
+    """A decoded EXTENT_DATA item."""
+
+    offset: int          # file offset
+    generation: int
+    kind: int
+    disk_addr: int = 0
+    disk_len: int = 0
+    extent_offset: int = 0
+    num_bytes: int = 0
+    layer: int = 0
+    inline: bytes = b""
+
+    @property
+    def end(self) -> int:
+        return self.offset + (len(self.inline) if self.kind == INLINE else self.num_bytes)
+
+    def encode(self) -> bytes:
+        head = FE_HEAD.pack(self.generation, self.kind)
+        if self.kind == INLINE:
+            return head + self.inline
+        return head + FE_REG.pack(self.disk_addr, self.disk_len, self.extent_offset, self.num_bytes, self.layer)
+
+    @classmethod
+    def decode(cls, offset: int, data: bytes, where: str) -> "FileExtent":
+        if len(data) < FE_HEAD.size:
+            raise CorruptionError("item", where, "EXTENT_DATA too short", len(data), f">= {FE_HEAD.size}")
+        generation, kind = FE_HEAD.unpack_from(data)
+        if kind == INLINE:
+            return cls(offset, generation, kind, inline=bytes(data[FE_HEAD.size:]))
+        if kind != REGULAR or len(data) != FE_HEAD.size + FE_REG.size:
+            raise CorruptionError("item", where, "invalid EXTENT_DATA", f"kind {kind} size {len(data)}",
+                                  f"kind 0 or 1, size {FE_HEAD.size + FE_REG.size}")
+        return cls(offset, generation, kind, *FE_REG.unpack_from(data, FE_HEAD.size))
+
+
+class FileSystem:
+    """The files of one subvolume."""
+
+    def __init__(self, volume, tree_id: int, readonly: bool = False, label: str = ""):
+        self.vol = volume
+        self.tree_id = tree_id
+        self.readonly = readonly or not volume.writable
+        self.label = label or volume.path
+        self.inline_max = ondisk.inline_max(volume.nodesize)
+        self.max_item = ondisk.max_item_size(volume.nodesize)
+
+    @property
+    def tree(self):
+        return self.vol.tree(self.tree_id)
+
+    def _writable(self) -> None:
+        if self.readonly:
+            raise ReadOnly("Read-only file system")
+
+    # -- inodes --------------------------------------------------------------
+
+    def get_inode(self, ino: int) -> Inode:
+        data = self.tree.get((ino, INODE_ITEM, 0))
+        if data is None:
+            raise NotFound(f"inode {ino} not found")
+        return Inode.decode(ino, data)
+
+    def put_inode(self, inode: Inode) -> None:
+        self.tree.put((inode.ino, INODE_ITEM, 0), inode.encode())
+
+    def _new_ino(self) -> int:
+        item = self.tree.root_item
+        ino = item.next_ino
+        item.next_ino += 1
+        self.tree.changed = True
+        return ino
+
+    def init_root(self, mode: int = 0o755, uid: int = 0, gid: int = 0) -> Inode:
+        """Create the root directory of an empty subvolume."""
+        now = time.time_ns()
+        root = Inode(ondisk.ROOT_DIR_INO, self.vol.transid, nlink=2, uid=uid, gid=gid,
+                     mode=stat_module.S_IFDIR | (mode & 0o7777), atime_ns=now, mtime_ns=now, ctime_ns=now,
+                     otime_ns=now)
+        self.put_inode(root)
+        return root
+
+    # -- directories ---------------------------------------------------------
+
+    def _dir(self, ino: int) -> Inode:
+        inode = self.get_inode(ino)
+        if not inode.is_dir:
+            raise NotADirectory("Not a directory")
+        return inode
+
+    def lookup(self, dir_ino: int, name: bytes) -> int:
+        """Return the inode number that name has in directory dir_ino."""
+        if name == b".":
+            return dir_ino
+        if name == b"..":
+            return self.parent_of(dir_ino)
+        if len(name) > ondisk.NAME_MAX:
+            raise NameTooLong("File name too long")
+        data = self.tree.get((dir_ino, DIR_ITEM, name_hash(name)))
+        if data is not None:
+            for ino, _dtype, entry_name in decode_dirents(data, f"dir {dir_ino}"):
+                if entry_name == name:
+                    return ino
+        if self.tree.get((dir_ino, INODE_ITEM, 0)) is None:
+            raise NotFound(f"directory inode {dir_ino} not found")
+        raise NotFound("No such file or directory")
+
+    def parent_of(self, ino: int) -> int:
+        """Return the parent directory of a directory (the root is its own parent)."""
+        if ino == ondisk.ROOT_DIR_INO:
+            return ino
+        found = self.tree.first((ino, INODE_REF, 0), (ino, INODE_REF + 1, 0))
+        if found is None:
+            raise NotFound(f"inode {ino} has no parent")
+        return found[0][2]
+
+    def readdir(self, dir_ino: int, after: int = 0):
+        """Yield (index, name, ino, dtype) for entries with DIR_INDEX offset > after."""
+        for key, data in self.tree.items((dir_ino, DIR_INDEX, after + 1), (dir_ino, DIR_INDEX + 1, 0)):
+            for ino, dtype, name in decode_dirents(data, f"dir {dir_ino} index {key[2]}"):
+                yield key[2], name, ino, dtype
+
+    def is_empty_dir(self, ino: int) -> bool:
+        return self.tree.first((ino, DIR_INDEX, 0), (ino, DIR_INDEX + 1, 0)) is None
+
+    def _add_entry(self, parent: Inode, name: bytes, inode: Inode) -> None:
+        """Add name -> inode to directory parent; update parent in the tree."""
+        check_name(name)
+        tree = self.tree
+        dtype = dtype_of(inode.mode)
+        hash_key = (parent.ino, DIR_ITEM, name_hash(name))
+        existing = tree.get(hash_key)
+        entry = encode_dirent(inode.ino, dtype, name)
+        if existing is not None:
+            for _, _, entry_name in decode_dirents(existing, f"dir {parent.ino}"):
+                if entry_name == name:
+                    raise Exists("File exists")
+            if len(existing) + len(entry) > self.max_item:
+                raise TooBig(f"too many names with hash {hash_key[2]:#x} in directory {parent.ino}")
+            entry_all = existing + entry
+        else:
+            entry_all = entry
+        index = parent.seq
+        parent.seq += 1
+        tree.put(hash_key, entry_all)
+        tree.put((parent.ino, DIR_INDEX, index), entry)
+        ref_key = (inode.ino, INODE_REF, parent.ino)
+        ref = IREF.pack(index, len(name)) + name
+        old_ref = tree.get(ref_key)
+        tree.put(ref_key, old_ref + ref if old_ref else ref)
+        parent.size += 2 * len(name)
+        now = time.time_ns()
+        parent.mtime_ns = parent.ctime_ns = now
+        self.put_inode(parent)
+
+    def _remove_entry(self, parent: Inode, name: bytes) -> tuple[int, int]:
+        """Remove name from directory parent; return (ino, index).  Updates parent."""
+        tree = self.tree
+        hash_key = (parent.ino, DIR_ITEM, name_hash(name))
+        data = tree.get(hash_key)
+        found = None
+        keep = []
+        if data is not None:
+            for ino, dtype, entry_name in decode_dirents(data, f"dir {parent.ino}"):
+                if entry_name == name and found is None:
+                    found = ino
+                else:
+                    keep.append(encode_dirent(ino, dtype, entry_name))
+        if found is None:
+            raise NotFound("No such file or directory")
+        if keep:
+            tree.put(hash_key, b"".join(keep))
+        else:
+            tree.delete(hash_key)
+        ref_key = (found, INODE_REF, parent.ino)
+        ref_data = tree.get(ref_key)
+        index = None
+        rest = []
+        if ref_data is not None:
+            for ref_index, ref_name in decode_refs(ref_data, f"inode {found}"):
+                if ref_name == name and index is None:
+                    index = ref_index
+                else:
+                    rest.append(IREF.pack(ref_index, len(ref_name)) + ref_name)
+        if index is None:
+            raise CorruptionError("inode", f"{found}", f"no INODE_REF for name {name!r} in directory {parent.ino}")
+        if rest:
+            tree.put(ref_key, b"".join(rest))
+        else:
+            tree.delete(ref_key)
+        tree.delete((parent.ino, DIR_INDEX, index))
+        parent.size -= 2 * len(name)
+        now = time.time_ns()
+        parent.mtime_ns = parent.ctime_ns = now
+        self.put_inode(parent)
+        return found, index
+
+    def names_of(self, ino: int):
+        """Yield (parent ino, name) for every link to ino."""
+        for key, data in self.tree.items((ino, INODE_REF, 0), (ino, INODE_REF + 1, 0)):
+            for _, name in decode_refs(data, f"inode {ino}"):
+                yield key[2], name
+
+    # -- creating and removing -------------------------------------------------
+
+    def mknod(self, dir_ino: int, name: bytes, mode: int, uid: int = 0, gid: int = 0, rdev: int = 0,
+              now: int | None = None) -> Inode:
+        """Create a file of any type but directory and symlink (regular, fifo, device, socket)."""
+        self._writable()
+        check_name(name)
+        parent = self._dir(dir_ino)
+        if stat_module.S_IFMT(mode) == 0:
+            mode |= stat_module.S_IFREG
+        now = time.time_ns() if now is None else now
+        inode = Inode(self._new_ino(), self.vol.transid, nlink=1, uid=uid, gid=gid, mode=mode, rdev=rdev,
+                      atime_ns=now, mtime_ns=now, ctime_ns=now, otime_ns=now)
+        self._add_entry(parent, name, inode)
+        self.put_inode(inode)
+        return inode
+
+    def mkdir(self, dir_ino: int, name: bytes, mode: int = 0o755, uid: int = 0, gid: int = 0) -> Inode:
+        self._writable()
+        check_name(name)
+        parent = self._dir(dir_ino)
+        if parent.nlink >= LINK_MAX:
+            raise TooManyLinks("Too many links")
+        now = time.time_ns()
+        inode = Inode(self._new_ino(), self.vol.transid, nlink=2, uid=uid, gid=gid,
+                      mode=stat_module.S_IFDIR | (mode & 0o7777), atime_ns=now, mtime_ns=now, ctime_ns=now,
+                      otime_ns=now)
+        self._add_entry(parent, name, inode)
+        parent.nlink += 1
+        self.put_inode(parent)
+        self.put_inode(inode)
+        return inode
+
+    def symlink(self, dir_ino: int, name: bytes, target: bytes, uid: int = 0, gid: int = 0) -> Inode:
+        self._writable()
+        check_name(name)
+        if not target or b"\0" in target:
+            raise InvalidArgument("invalid symlink target")
+        if len(target) > min(ondisk.SYMLINK_MAX, self.inline_max):
+            raise NameTooLong("File name too long")
+        parent = self._dir(dir_ino)
+        now = time.time_ns()
+        inode = Inode(self._new_ino(), self.vol.transid, nlink=1, uid=uid, gid=gid,
+                      mode=stat_module.S_IFLNK | 0o777, size=len(target), atime_ns=now, mtime_ns=now,
+                      ctime_ns=now, otime_ns=now)
+        self._add_entry(parent, name, inode)
+        self.tree.put((inode.ino, EXTENT_DATA, 0),
+                      FileExtent(0, self.vol.transid, INLINE, inline=target).encode())
+        self.put_inode(inode)
+        return inode
+
+    def readlink(self, ino: int) -> bytes:
+        inode = self.get_inode(ino)
+        if not inode.is_symlink:
+            raise InvalidArgument("Invalid argument")
+        data = self.tree.get((ino, EXTENT_DATA, 0))
+        if data is None:
+            raise CorruptionError("inode", f"{ino}", "symlink without target")
+        return FileExtent.decode(0, data, f"inode {ino}").inline
+
+    def link(self, ino: int, dir_ino: int, name: bytes) -> Inode:
+        self._writable()
+        check_name(name)
+        inode = self.get_inode(ino)
+        if inode.is_dir:
+            raise NotPermitted("Operation not permitted")
+        if inode.nlink >= LINK_MAX:
+            raise TooManyLinks("Too many links")
+        parent = self._dir(dir_ino)
+        self._add_entry(parent, name, inode)
+        inode.nlink += 1
+        inode.ctime_ns = time.time_ns()
+        self.put_inode(inode)
+        return inode
+
+    def unlink(self, dir_ino: int, name: bytes, keep_if_open=None) -> Inode:
+        """Remove a non-directory entry; free the inode when its last link goes.
+
+        ``keep_if_open(ino)`` returning True keeps an unlinked inode with an
+        ORPHAN_ITEM instead, for a file that is still open.
+        """
+        self._writable()
+        parent = self._dir(dir_ino)
+        ino = self.lookup(dir_ino, name)
+        inode = self.get_inode(ino)
+        if inode.is_dir:
+            raise IsADirectory("Is a directory")
+        self._remove_entry(parent, name)
+        self._drop_link(inode, keep_if_open)
+        return inode
+
+    def _drop_link(self, inode: Inode, keep_if_open=None) -> None:
+        inode.nlink -= 1
+        inode.ctime_ns = time.time_ns()
+        if inode.nlink > 0:
+            self.put_inode(inode)
+        elif keep_if_open is not None and keep_if_open(inode.ino):
+            self.put_inode(inode)
+            self.tree.put((ondisk.ORPHAN_OBJECTID, ondisk.ORPHAN_ITEM, inode.ino), b"")
+        else:
+            self.free_inode(inode.ino)
+
+    def rmdir(self, dir_ino: int, name: bytes) -> None:
+        self._writable()
+        parent = self._dir(dir_ino)
+        if name in (b".", b".."):
+            raise InvalidArgument("Invalid argument")
+        ino = self.lookup(dir_ino, name)
+        inode = self.get_inode(ino)
+        if not inode.is_dir:
+            raise NotADirectory("Not a directory")
+        if not self.is_empty_dir(ino):
+            raise NotEmpty("Directory not empty")
+        self._remove_entry(parent, name)
+        parent.nlink -= 1
+        self.put_inode(parent)
+        self.free_inode(ino)
+
+    def free_inode(self, ino: int) -> None:
+        """Delete every item of inode ino and drop its data extents."""
+        tree = self.tree
+        vol = self.vol
+        keys = [key for key, _ in tree.items((ino, 0, 0), (ino + 1, 0, 0))]
+        for key in keys:
+            if key[1] == EXTENT_DATA:
+                extent = FileExtent.decode(key[2], tree.get(key), f"inode {ino}")
+                if extent.kind == REGULAR and extent.layer == 0:
+                    vol.add_ref(extent.disk_addr, extent.disk_len, -1)
+            tree.delete(key)
+        tree.delete((ondisk.ORPHAN_OBJECTID, ondisk.ORPHAN_ITEM, ino))
+
+    def orphans(self) -> list[int]:
+        return [key[2] for key, _ in self.tree.items((ondisk.ORPHAN_OBJECTID, ondisk.ORPHAN_ITEM, 0),
+                                                      (ondisk.ORPHAN_OBJECTID, ondisk.ORPHAN_ITEM + 1, 0))]
+
+    def rename(self, old_dir: int, old_name: bytes, new_dir: int, new_name: bytes, flags: int = 0) -> None:
+        """Rename with POSIX semantics; flags are RENAME_NOREPLACE and RENAME_EXCHANGE."""
+        self._writable()
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
+            raise InvalidArgument("Invalid argument")
+        check_name(new_name)
+        if old_name in (b".", b".."):
+            raise InvalidArgument("Invalid argument")
+        src_ino = self.lookup(old_dir, old_name)
+        src = self.get_inode(src_ino)
+        try:
+            dst_ino = self.lookup(new_dir, new_name)
+        except FileNotFoundError:
+            dst_ino = None
+        if flags & RENAME_EXCHANGE:
+            if dst_ino is None:
+                raise NotFound("No such file or directory")
+            return self._exchange(old_dir, old_name, src, new_dir, new_name, self.get_inode(dst_ino))
+        if dst_ino is not None and flags & RENAME_NOREPLACE:
+            raise Exists("File exists")
+        if dst_ino == src_ino:
+            return
+        if src.is_dir and new_dir != old_dir:
+            self._check_not_ancestor(src_ino, new_dir)
+        dst = self.get_inode(dst_ino) if dst_ino is not None else None
+        if dst is not None:
+            if src.is_dir and not dst.is_dir:
+                raise NotADirectory("Not a directory")
+            if not src.is_dir and dst.is_dir:
+                raise IsADirectory("Is a directory")
+            if dst.is_dir and not self.is_empty_dir(dst_ino):
+                raise NotEmpty("Directory not empty")
+        old_parent = self._dir(old_dir)
+        self._remove_entry(old_parent, old_name)
+        new_parent = old_parent if new_dir == old_dir else self._dir(new_dir)
+        if dst is not None:
+            self._remove_entry(new_parent, new_name)
+            if dst.is_dir:
+                new_parent.nlink -= 1
+                self.free_inode(dst_ino)
+            else:
+                self._drop_link(dst)
+        if src.is_dir and new_dir != old_dir:
+            old_parent.nlink -= 1
+            new_parent.nlink += 1
+            self.put_inode(old_parent)
+        self._add_entry(new_parent, new_name, src)
+        src = self.get_inode(src_ino)
+        src.ctime_ns = time.time_ns()
+        self.put_inode(src)
+
+    def _exchange(self, old_dir, old_name, src, new_dir, new_name, dst) -> None:
+        if src.ino == dst.ino:
+            return
+        if new_dir != old_dir:
+            if src.is_dir:
+                self._check_not_ancestor(src.ino, new_dir)
+            if dst.is_dir:
+                self._check_not_ancestor(dst.ino, old_dir)
+        old_parent = self._dir(old_dir)
+        self._remove_entry(old_parent, old_name)
+        new_parent = old_parent if new_dir == old_dir else self._dir(new_dir)
+        self._remove_entry(new_parent, new_name)
+        if new_dir != old_dir and src.is_dir != dst.is_dir:
+            delta = 1 if src.is_dir else -1
+            new_parent.nlink += delta
+            old_parent.nlink -= delta
+            self.put_inode(new_parent)
+        self._add_entry(new_parent, new_name, src)
+        old_parent = self.get_inode(old_dir)
+        self._add_entry(old_parent, old_name, dst)
+        now = time.time_ns()
+        for ino in (src.ino, dst.ino):
+            inode = self.get_inode(ino)
+            inode.ctime_ns = now
+            self.put_inode(inode)
+
+    def _check_not_ancestor(self, ino: int, dir_ino: int) -> None:
+        """Raise EINVAL when directory ino is dir_ino or one of its ancestors."""
+        current = dir_ino
+        for _ in range(100000):
+            if current == ino:
+                raise InvalidArgument("Invalid argument: cannot move a directory into itself")
+            if current == ondisk.ROOT_DIR_INO:
+                return
+            current = self.parent_of(current)
+        raise CorruptionError("directory", f"{dir_ino}", "parent chain does not reach the root")
+
+    # -- attributes -----------------------------------------------------------
+
+    def setattr(self, ino: int, mode=None, uid=None, gid=None, atime_ns=None, mtime_ns=None,
+                ctime_ns=None, size=None) -> Inode:
+        self._writable()
+        if size is not None:
+            self.truncate(ino, size)
+        inode = self.get_inode(ino)
+        if mode is not None:
+            inode.mode = stat_module.S_IFMT(inode.mode) | (mode & 0o7777)
+        if uid is not None:
+            inode.uid = uid
+        if gid is not None:
+            inode.gid = gid
+        if atime_ns is not None:
+            inode.atime_ns = atime_ns
+        if mtime_ns is not None:
+            inode.mtime_ns = mtime_ns
+        inode.ctime_ns = time.time_ns() if ctime_ns is None else ctime_ns
+        self.put_inode(inode)
+        return inode
+
+    # -- xattrs ---------------------------------------------------------------
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        self.get_inode(ino)
+        names = []
+        for _, data in self.tree.items((ino, XATTR_ITEM, 0), (ino, XATTR_ITEM + 1, 0)):
+            names.extend(name for name, _ in decode_xattrs(data, f"inode {ino}"))
+        return names
+
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        data = self.tree.get((ino, XATTR_ITEM, name_hash(name)))
+        if data is not None:
+            for entry_name, value in decode_xattrs(data, f"inode {ino}"):
+                if entry_name == name:
+                    return value
+        self.get_inode(ino)
+        raise NoData("No data available")
+
+    def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
+        self._writable()
+        if not name or len(name) > 255:
+            raise RangeError("Numerical result out of range") if name else InvalidArgument("empty xattr name")
+        inode = self.get_inode(ino)
+        key = (ino, XATTR_ITEM, name_hash(name))
+        data = self.tree.get(key)
+        entries = list(decode_xattrs(data, f"inode {ino}")) if data is not None else []
+        exists = any(entry_name == name for entry_name, _ in entries)
+        if flags & XATTR_FLAG_CREATE and exists:
+            raise Exists("File exists")
+        if flags & XATTR_FLAG_REPLACE and not exists:
+            raise NoData("No data available")
+        entries = [(n, v) for n, v in entries if n != name] + [(name, bytes(value))]
+        packed = b"".join(XATTR.pack(len(n), len(v)) + n + v for n, v in entries)
+        if len(packed) > self.max_item:
+            raise TooBig(f"xattr value too large: at most {self.max_item - XATTR.size - len(name)} bytes "
+                         f"fit with this node size")
+        self.tree.put(key, packed)
+        inode.ctime_ns = time.time_ns()
+        self.put_inode(inode)
+
+    def removexattr(self, ino: int, name: bytes) -> None:
+        self._writable()
+        inode = self.get_inode(ino)
+        key = (ino, XATTR_ITEM, name_hash(name))
+        data = self.tree.get(key)
+        entries = list(decode_xattrs(data, f"inode {ino}")) if data is not None else []
+        rest = [(n, v) for n, v in entries if n != name]
+        if len(rest) == len(entries):
+            raise NoData("No data available")
+        if rest:
+            self.tree.put(key, b"".join(XATTR.pack(len(n), len(v)) + n + v for n, v in rest))
+        else:
+            self.tree.delete(key)
+        inode.ctime_ns = time.time_ns()
+        self.put_inode(inode)
+
+    # -- file data --------------------------------------------------------------
+
+    def extents(self, ino: int, start: int = 0, end: int | None = None):
+        """Yield the FileExtent items of ino that overlap [start, end), in file order."""
+        tree = self.tree
+        hi = (ino, EXTENT_DATA + 1, 0) if end is None else (ino, EXTENT_DATA, end)
+        before = tree.floor((ino, EXTENT_DATA, start))
+        if before is not None and before[0][:2] == (ino, EXTENT_DATA) and before[0][2] < start:
+            extent = FileExtent.decode(before[0][2], before[1], f"inode {ino}")
+            if extent.end > start:
+                yield extent
+        for key, data in tree.items((ino, EXTENT_DATA, start), hi):
+            yield FileExtent.decode(key[2], data, f"inode {ino} offset {key[2]}")
+
+    def read(self, ino: int, offset: int, size: int) -> bytes:
+        """Return up to size bytes of file ino from offset; holes read as zeros."""
+        inode = self.get_inode(ino)
+        if inode.is_dir:
+            raise IsADirectory("Is a directory")
+        end = min(offset + size, inode.size)
+        if offset >= end:
+            return b""
+        out = bytearray(end - offset)
+        for extent in self.extents(ino, offset, end):
+            lo = max(extent.offset, offset)
+            hi = min(extent.end, end)
+            if lo >= hi:
+                continue
+            if extent.kind == INLINE:
+                piece = extent.inline[lo - extent.offset:hi - extent.offset]
+            else:
+                piece = self.vol.read_data(extent.disk_addr, extent.layer, extent.extent_offset + lo - extent.offset,
+                                           hi - lo, context=f" (inode {ino}, file offset {lo})")
+            out[lo - offset:lo - offset + len(piece)] = piece
+        return bytes(out)
+
+    def _inline_extent(self, ino: int):
+        data = self.tree.get((ino, EXTENT_DATA, 0))
+        if data is None:
+            return None
+        extent = FileExtent.decode(0, data, f"inode {ino}")
+        return extent if extent.kind == INLINE else None
+
+    def _has_regular_extents(self, ino: int) -> bool:
+        found = self.tree.first((ino, EXTENT_DATA, 0), (ino, EXTENT_DATA + 1, 0))
+        if found is None:
+            return False
+        return FileExtent.decode(0, found[1], f"inode {ino}").kind == REGULAR or \
+            self.tree.first((ino, EXTENT_DATA, 1), (ino, EXTENT_DATA + 1, 0)) is not None
+
+    def write(self, ino: int, offset: int, data) -> int:
+        """Write data at offset in file ino; return the number of bytes written."""
+        self._writable()
+        inode = self.get_inode(ino)
+        if inode.is_dir:
+            raise IsADirectory("Is a directory")
+        if not inode.is_reg:
+            raise InvalidArgument("Invalid argument: not a regular file")
+        length = len(data)
+        if length == 0:
+            return 0
+        end = offset + length
+        tree = self.tree
+        now = time.time_ns()
+        if end <= self.inline_max and inode.size <= self.inline_max and not self._has_regular_extents(ino):
+            old = self._inline_extent(ino)
+            current = (old.inline if old else b"")[:inode.size].ljust(inode.size, b"\0")
+            new = current[:offset].ljust(offset, b"\0") + bytes(data) + current[end:]
+            tree.put((ino, EXTENT_DATA, 0), FileExtent(0, self.vol.transid, INLINE, inline=new).encode())
+            inode.size = len(new)
+            inode.nbytes = len(new)
+        else:
+            self._uninline(inode)
+            self._write_blocks(inode, offset, data)
+            inode.size = max(inode.size, end)
+        inode.mtime_ns = inode.ctime_ns = now
+        self.put_inode(inode)
+        return length
+
+    def _uninline(self, inode: Inode) -> None:
+        """Turn an inline file into a regular extent."""
+        old = self._inline_extent(inode.ino)
+        if old is None:
+            return
+        self.tree.delete((inode.ino, EXTENT_DATA, 0))
+        inode.nbytes = 0
+        content = old.inline[:inode.size]
+        if content.strip(b"\0"):
+            self._write_blocks(inode, 0, content)
+
+    def _write_blocks(self, inode: Inode, offset: int, data) -> None:
+        """Write data at offset as new block-aligned extents, merging partial blocks."""
+        ino = inode.ino
+        end = offset + len(data)
+        start = offset - offset % BLOCK
+        stop = round_up(end)
+        head = b""
+        tail = b""
+        if start < offset and start < inode.size:
+            head = self.read(ino, start, offset - start).ljust(offset - start, b"\0")
+        elif start < offset:
+            head = bytes(offset - start)
+        if end < stop and end < inode.size:
+            tail = self.read(ino, end, stop - end)
+        if head or tail:
+            data = b"".join((head, bytes(data), tail))
+        self._punch(inode, start, stop)
+        position = start
+        for addr, disk_len, data_len in self.vol.write_data(data, self.tree_id):
+            num_bytes = round_up(data_len)
+            extent = FileExtent(position, self.vol.transid, REGULAR, addr, disk_len, 0, num_bytes, 0)
+            self.tree.put((ino, EXTENT_DATA, position), extent.encode())
+            inode.nbytes += num_bytes
+            position += num_bytes
+
+    def _punch(self, inode: Inode, start: int, stop: int | None) -> None:
+        """Remove file extents from [start, stop) (stop None: to the end), splitting as needed."""
+        ino = inode.ino
+        tree = self.tree
+        vol = self.vol
+        for extent in list(self.extents(ino, start, stop)):
+            if extent.kind == INLINE:
+                tree.delete((ino, EXTENT_DATA, extent.offset))
+                inode.nbytes = 0
+                continue
+            ext_end = extent.end
+            if ext_end <= start or (stop is not None and extent.offset >= stop):
+                continue
+            keeps_left = extent.offset < start
+            keeps_right = stop is not None and ext_end > stop
+            if keeps_left:
+                left = dataclasses.replace(extent, num_bytes=start - extent.offset)
+                tree.put((ino, EXTENT_DATA, extent.offset), left.encode())
+            else:
+                tree.delete((ino, EXTENT_DATA, extent.offset))
+            if keeps_right:
+                right = dataclasses.replace(extent, offset=stop,
+                                            extent_offset=extent.extent_offset + stop - extent.offset,
+                                            num_bytes=ext_end - stop)
+                tree.put((ino, EXTENT_DATA, stop), right.encode())
+            removed = min(ext_end, stop if stop is not None else ext_end) - max(extent.offset, start)
+            inode.nbytes -= removed
+            if extent.layer == 0:
+                if keeps_left and keeps_right:
+                    vol.add_ref(extent.disk_addr, extent.disk_len, +1)
+                elif not keeps_left and not keeps_right:
+                    vol.add_ref(extent.disk_addr, extent.disk_len, -1)
+
+    def truncate(self, ino: int, size: int) -> None:
+        """Set the size of file ino; growing adds a hole, shrinking drops data."""
+        self._writable()
+        if size < 0:
+            raise InvalidArgument("Invalid argument: negative size")
+        inode = self.get_inode(ino)
+        if inode.is_dir:
+            raise IsADirectory("Is a directory")
+        if not inode.is_reg:
+            raise InvalidArgument("Invalid argument: not a regular file")
+        if size == inode.size:
+            return
+        inline = self._inline_extent(ino)
+        if inline is not None and size <= self.inline_max:
+            content = inline.inline[:size].ljust(size, b"\0")
+            self.tree.put((ino, EXTENT_DATA, 0), FileExtent(0, self.vol.transid, INLINE, inline=content).encode())
+            inode.nbytes = size
+        else:
+            if inline is not None:
+                self._uninline(inode)
+            if size < inode.size:
+                self._punch(inode, round_up(size), None)
+                if size % BLOCK:
+                    block = size - size % BLOCK
+                    if any(True for _ in self.extents(ino, block, block + BLOCK)):
+                        keep = self.read(ino, block, size - block)
+                        self._punch(inode, block, block + BLOCK)
+                        self._write_blocks_raw(inode, block, keep)
+        inode.size = size
+        inode.mtime_ns = inode.ctime_ns = time.time_ns()
+        self.put_inode(inode)
+
+    def _write_blocks_raw(self, inode: Inode, block: int, data: bytes) -> None:
+        """Write data (shorter than a block) at block-aligned offset, zero-padded."""
+        saved = inode.size
+        inode.size = block  # nothing past block is merged back in
+        self._write_blocks(inode, block, data)
+        inode.size = saved
+
+    # -- paths ------------------------------------------------------------------
+
+    def resolve(self, path: bytes, follow: bool = True, cwd: int = ondisk.ROOT_DIR_INO) -> int:
+        """Return the inode at path (absolute or relative to cwd), following symlinks inside the image."""
+        hops = 0
+        current = ondisk.ROOT_DIR_INO if path.startswith(b"/") else cwd
+        parts = [p for p in path.split(b"/") if p and p != b"."]
+        while parts:
+            name = parts.pop(0)
+            directory = self.get_inode(current)
+            if not directory.is_dir:
+                raise NotADirectory("Not a directory")
+            child = self.lookup(current, name)
+            if (parts or follow) and name != b"..":
+                inode = self.get_inode(child)
+                if inode.is_symlink:
+                    hops += 1
+                    if hops > SYMLINK_HOPS:
+                        raise SymlinkLoop("Too many levels of symbolic links")
+                    target = self.readlink(child)
+                    if target.startswith(b"/"):
+                        current = ondisk.ROOT_DIR_INO
+                    parts = [p for p in target.split(b"/") if p and p != b"."] + parts
+                    continue
+            current = child
+        return current
+
+    def resolve_parent(self, path: bytes) -> tuple[int, bytes]:
+        """Return (directory inode, last name) of path, following symlinks in the directory part."""
+        stripped = path.rstrip(b"/")
+        if not stripped:
+            raise InvalidArgument("Invalid argument: the root has no parent")
+        head, _, name = stripped.rpartition(b"/")
+        dir_ino = self.resolve(head or b"/")
+        if not self.get_inode(dir_ino).is_dir:
+            raise NotADirectory("Not a directory")
+        return dir_ino, name
+

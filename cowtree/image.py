@@ -1,0 +1,65 @@
+"""Images as users see them: create, open, and reach the live filesystem.
+
+This is the subvolume level of the stack.  The live filesystem is the
+subvolume with tree id FS_TREE_ID; snapshots are further subvolumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from . import ondisk
+from .errors import Exists, NotAnImageError
+from .fs import FileSystem
+from .transaction import RootItem, Volume
+
+log = logging.getLogger(__name__)
+
+
+def mkfs(path: str, size_limit: int = 0, nodesize: int = ondisk.DEFAULT_NODE_SIZE, label: str = "",
+         force: bool = False, uid: int | None = None, gid: int | None = None) -> Volume:
+    """Create a new image at path holding an empty live filesystem, and return it open."""
+    if nodesize < ondisk.MIN_NODE_SIZE or nodesize > ondisk.MAX_NODE_SIZE or nodesize & (nodesize - 1):
+        raise ValueError(f"invalid node size {nodesize}: must be a power of two from 4096 to 65536")
+    if size_limit and size_limit < ondisk.FIRST_ALLOC + 64 * nodesize + (1 << 20):
+        raise ValueError(f"size {size_limit} is too small: at least "
+                         f"{ondisk.FIRST_ALLOC + 64 * nodesize + (1 << 20)} bytes are needed")
+    if len(label.encode()) > 64:
+        raise ValueError("label is longer than 64 bytes")
+    exists = os.path.exists(path)
+    if exists and not force:
+        if os.path.isdir(path):
+            raise NotAnImageError(f"{path}: is a directory")
+        if os.path.getsize(path) > 0:
+            raise Exists(f"{path}: file exists (use --force to overwrite it)")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    os.close(fd)
+    from .blockdev import ImageFile
+    dev = ImageFile(path, True)
+    try:
+        os.ftruncate(dev.fd, 0)
+        volume = Volume.create(path, nodesize=nodesize, size_limit=size_limit, label=label.encode(), device=dev)
+        tree = volume.create_tree(ondisk.FS_TREE_ID, RootItem(created_gen=volume.transid))
+        fs = FileSystem(volume, ondisk.FS_TREE_ID)
+        fs.init_root(uid=os.getuid() if uid is None else uid, gid=os.getgid() if gid is None else gid)
+        del tree
+        volume.commit()
+    except BaseException:
+        dev.close()
+        raise
+    return volume
+
+
+def open_image(path: str, writable: bool = False, **kwargs) -> Volume:
+    """Open an existing image."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(2, "No such file or directory", path)
+    if os.path.isdir(path):
+        raise NotAnImageError(f"{path}: is a directory, not an image")
+    return Volume.open(path, writable=writable, **kwargs)
+
+
+def live(volume: Volume) -> FileSystem:
+    """Return the live filesystem of an open image."""
+    return FileSystem(volume, ondisk.FS_TREE_ID)

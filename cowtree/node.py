@@ -1,0 +1,148 @@
+"""Tree nodes in memory, and their encoding to and from ``nodesize`` bytes.
+
+Every node read from disk passes :func:`decode`, the one place that checks a
+node: checksum, magic, image UUID, its own address, the generation and level
+its parent expects, item count, key order and item bounds.  A failure raises
+:class:`~cowtree.errors.CorruptionError` naming the node and the reason.
+"""
+
+from __future__ import annotations
+
+from . import ondisk
+from .checksum import crc32c
+from .errors import CorruptionError
+
+HEADER = ondisk.NODE_HEADER_CODEC
+HEADER_SIZE = ondisk.HEADER_SIZE
+ITEM = ondisk.LEAF_ITEM_CODEC
+ITEM_SIZE = ondisk.LEAF_ITEM_SIZE
+PTR = ondisk.KEY_PTR_CODEC
+PTR_SIZE = ondisk.KEY_PTR_SIZE
+
+
+class Node:
+    """A decoded node.
+
+    ``keys`` are (objectid, type, offset) tuples in ascending order.  In a
+    leaf, ``vals`` holds each item's data as bytes and ``used`` counts the
+    bytes the items take (headers and data).  In an internal node, ``vals``
+    holds block pointers (address, generation, layer), and ``keys[i]`` is at
+    most every key below ``vals[i]``.
+    """
+
+    __slots__ = ("addr", "gen", "layer", "level", "owner", "keys", "vals", "used", "dirty")
+
+    def __init__(self, addr: int, gen: int, level: int, owner: int, keys: list, vals: list, layer: int = 0):
+        self.addr = addr
+        self.gen = gen
+        self.layer = layer
+        self.level = level
+        self.owner = owner
+        self.keys = keys
+        self.vals = vals
+        self.dirty = False
+        if level == 0:
+            self.used = ITEM_SIZE * len(keys) + sum(map(len, vals))
+        else:
+            self.used = PTR_SIZE * len(keys)
+
+    @property
+    def ptr(self) -> tuple:
+        return (self.addr, self.gen, self.layer)
+
+    def __repr__(self) -> str:
+        return f"<Node {self.addr}@{self.layer} gen {self.gen} level {self.level} items {len(self.keys)}>"
+
+
+def encode(node: Node, uuid: bytes, nodesize: int) -> bytes:
+    """Return the on-disk bytes of node, checksum included."""
+    buf = bytearray(nodesize)
+    count = len(node.keys)
+    if node.level == 0:
+        end = nodesize - HEADER_SIZE
+        pos = HEADER_SIZE
+        pack_item = ITEM.pack_into
+        for key, val in zip(node.keys, node.vals):
+            size = len(val)
+            end -= size
+            pack_item(buf, pos, key[0], key[1], key[2], end, size)
+            buf[HEADER_SIZE + end:HEADER_SIZE + end + size] = val
+            pos += ITEM_SIZE
+        if pos > HEADER_SIZE + end:
+            raise ValueError(f"leaf {node.addr} overflows: {node.used} bytes of items")
+    else:
+        pos = HEADER_SIZE
+        pack_ptr = PTR.pack_into
+        for key, (addr, gen, layer) in zip(node.keys, node.vals):
+            pack_ptr(buf, pos, key[0], key[1], key[2], addr, gen, layer)
+            pos += PTR_SIZE
+        if pos > nodesize:
+            raise ValueError(f"node {node.addr} overflows: {count} pointers")
+    HEADER.pack_into(buf, 0, 0, ondisk.NODE_MAGIC, uuid, node.addr, node.gen, node.owner, count, node.level, 0)
+    buf[0:4] = crc32c(memoryview(buf)[4:]).to_bytes(4, "little")
+    return bytes(buf)
+
+
+def decode(buf: bytes, uuid: bytes, nodesize: int, addr: int, gen: int | None, level: int | None,
+           layer: int = 0, tree: str = "") -> Node:
+    """Decode and check a node read from ``addr``.
+
+    ``gen`` and ``level`` are what the parent's block pointer expects; None
+    skips that check (a root read from the superblock has no expected level).
+    """
+    where = f"at block {addr}" + (f" in {tree}" if tree else "") + (f" of layer {layer}" if layer else "")
+    if len(buf) != nodesize:
+        raise CorruptionError("node", where, "short read, past the end of the image", len(buf), nodesize)
+    stored = int.from_bytes(buf[0:4], "little")
+    computed = crc32c(memoryview(buf)[4:])
+    if stored != computed:
+        raise CorruptionError("node", where, "checksum mismatch", f"{stored:#010x}", f"{computed:#010x}")
+    _, magic, node_uuid, bytenr, node_gen, owner, count, node_level, _flags = HEADER.unpack_from(buf)
+    if magic != ondisk.NODE_MAGIC:
+        raise CorruptionError("node", where, "bad magic", f"{magic:#x}", f"{ondisk.NODE_MAGIC:#x}")
+    if node_uuid != uuid:
+        raise CorruptionError("node", where, "node belongs to another image", node_uuid.hex(), uuid.hex())
+    if bytenr != addr:
+        raise CorruptionError("node", where, "wrong own address", bytenr, addr)
+    if gen is not None and node_gen != gen:
+        raise CorruptionError("node", where, "generation differs from the parent's pointer", node_gen, gen)
+    if level is not None and node_level != level:
+        raise CorruptionError("node", where, "wrong level", node_level, level)
+    what = "leaf" if node_level == 0 else "node"
+    capacity = nodesize - HEADER_SIZE
+    if node_level == 0:
+        if count * ITEM_SIZE > capacity:
+            raise CorruptionError(what, where, "item count exceeds the leaf", count, f"at most {capacity // ITEM_SIZE}")
+        keys = []
+        vals = []
+        base = HEADER_SIZE
+        headers_end = count * ITEM_SIZE
+        spans = []
+        for slot, (objectid, typ, offset, data_offset, size) in enumerate(
+                ITEM.iter_unpack(buf[HEADER_SIZE:HEADER_SIZE + headers_end])):
+            if data_offset < headers_end or data_offset + size > capacity:
+                raise CorruptionError(what, f"{where} slot {slot}", "item data out of bounds",
+                                      f"{data_offset}+{size}", f"within [{headers_end}, {capacity}]")
+            keys.append((objectid, typ, offset))
+            vals.append(buf[base + data_offset:base + data_offset + size])
+            spans.append((data_offset, size))
+        spans.sort()
+        for (off_a, size_a), (off_b, _) in zip(spans, spans[1:]):
+            if off_a + size_a > off_b:
+                raise CorruptionError(what, where, "item data overlap", f"{off_a}+{size_a}", f"end at most {off_b}")
+    else:
+        if count == 0:
+            raise CorruptionError(what, where, "internal node without pointers", 0, "at least 1")
+        if count * PTR_SIZE > capacity:
+            raise CorruptionError(what, where, "pointer count exceeds the node", count, f"at most {capacity // PTR_SIZE}")
+        keys = []
+        vals = []
+        for objectid, typ, offset, child, child_gen, child_layer in PTR.iter_unpack(
+                buf[HEADER_SIZE:HEADER_SIZE + count * PTR_SIZE]):
+            keys.append((objectid, typ, offset))
+            vals.append((child, child_gen, child_layer))
+    for slot in range(1, len(keys)):
+        if keys[slot - 1] >= keys[slot]:
+            raise CorruptionError(what, f"{where} slot {slot}", "keys out of order", keys[slot], f"greater than {keys[slot - 1]}")
+    node = Node(addr, node_gen, node_level, owner, keys, vals, layer)
+    return node
