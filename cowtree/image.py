@@ -63,3 +63,9 @@ def open_image(path: str, writable: bool = False, **kwargs) -> Volume:
 def live(volume: Volume) -> FileSystem:
     """Return the live filesystem of an open image."""
     return FileSystem(volume, ondisk.FS_TREE_ID)
+
+
+def open_filesystem(volume: Volume, name: bytes | str | None = None) -> FileSystem:
+    """Return the FileSystem of the snapshot called name, or the live one for None."""
+    from .subvolume import open_filesystem as open_subvolume
+    return open_subvolume(volume, name)
