@@ -307,13 +307,13 @@ class Volume:
         else:
             shared = self.refcount(node.addr, self.nodesize) > 1
         if shared:
-            self._ref_children(node, +1)
+            self.ref_children(node, +1)
         if node.layer == 0:
             self.add_ref(node.addr, self.nodesize, -1)
         log.debug("cow %s block %d gen %d -> %d shared=%s", tree.name, node.addr, node.gen, copy.addr, shared)
         return copy
 
-    def _ref_children(self, node: Node, delta: int) -> None:
+    def ref_children(self, node: Node, delta: int) -> None:
         """Add delta to the count of every extent node points to."""
         if node.level:
             for addr, _gen, layer in node.vals:
@@ -333,27 +333,10 @@ class Volume:
         self.cache.pop(node.addr, None)
         self.add_ref(node.addr, self.nodesize, -1)
 
-    def drop_subtree_ref(self, ptr, level, tree) -> None:
-        """Drop one reference to the subtree at ptr, freeing what only it used.
-
-        Descends only into nodes whose count reaches zero, as a snapshot
-        deletion does.
-        """
-        addr, _gen, layer = ptr
-        if layer:
-            return
-        if self.refcount(addr, self.nodesize) > 1:
-            self.add_ref(addr, self.nodesize, -1)
-            return
-        node = self.read_node(ptr, level, tree)
-        if node.level:
-            for child in node.vals:
-                self.drop_subtree_ref(child, node.level - 1, tree)
-        else:
-            self._ref_children(node, -1)
+    def forget_node(self, addr: int) -> None:
+        """Drop a node from the caches once the caller has released its last reference."""
         self.dirty.pop(addr, None)
         self.cache.pop(addr, None)
-        self.add_ref(addr, self.nodesize, -1)
 
     # -- reference counts ----------------------------------------------------
 
