@@ -250,17 +250,34 @@ class Volume:
         cache = self.cache
         cache[node.addr] = node
         if len(cache) > self.cache_limit:
-            # Evict least recently used clean nodes down to 90% of the limit;
-            # dirty nodes stay until they are written.
-            excess = len(cache) - self.cache_limit * 9 // 10
-            victims = []
-            for addr, cached in cache.items():
-                if not cached.dirty:
-                    victims.append(addr)
-                    if len(victims) >= excess:
-                        break
-            for addr in victims:
-                del cache[addr]
+            self._evict(node.addr)
+
+    def _evict(self, keep: int) -> None:
+        """Evict least recently used clean nodes down to 90% of the cache limit.
+
+        Dirty nodes stay until they are written: read_node looks only in the
+        cache, so a dirty node outside it would be read again from disk and
+        its changes lost.  The node at ``keep`` was just inserted and also
+        stays, because its caller may make it dirty in place next.  Dirty
+        nodes passed over move to the recent end, so the next eviction does
+        not scan them again.
+        """
+        cache = self.cache
+        excess = len(cache) - self.cache_limit * 9 // 10
+        victims = []
+        skipped = []
+        for addr, cached in cache.items():
+            if cached.dirty or addr == keep:
+                skipped.append(addr)
+                continue
+            victims.append(addr)
+            if len(victims) >= excess:
+                break
+        for addr in victims:
+            del cache[addr]
+        for addr in skipped:
+            cache.move_to_end(addr)
+        cache.move_to_end(keep)
 
     def check_writable(self) -> None:
         if not self.writable:
