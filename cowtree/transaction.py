@@ -38,6 +38,10 @@ FE_HEAD = ondisk.FILE_EXTENT_HEAD_CODEC
 FE_REG = ondisk.FILE_EXTENT_REG_CODEC
 BLOCK = ondisk.BLOCK_SIZE
 KIND_REGULAR = ondisk.FILE_EXTENT_REGULAR
+FE_LAYER_OFFSET = FE_REG.size - 2   # the layer is the last field of a regular extent
+
+# A cache key of a base image's node: its address with the layer in the top bits.
+LAYER_SHIFT = 56
 
 DEFAULT_CACHE_BYTES = 64 << 20
 DEFAULT_DIRTY_BYTES = 64 << 20
@@ -77,6 +81,26 @@ class RootItem:
         return cls(*ROOT.unpack(data))
 
 
+def rebase_node(node: Node, layer: int) -> Node:
+    """Return a copy of a base image's node with every pointer's layer raised by layer.
+
+    Inside base image n, layer 0 means that base itself and layer k its k-th
+    base, which are layers n and n + k of the image reading it.
+    """
+    if node.level:
+        vals = [(addr, gen, child_layer + layer) for addr, gen, child_layer in node.vals]
+    else:
+        vals = list(node.vals)
+        for slot, key in enumerate(node.keys):
+            data = vals[slot]
+            if key[1] == ondisk.EXTENT_DATA and len(data) > FE_HEAD.size and data[8] == KIND_REGULAR:
+                raw = bytearray(data)
+                at = FE_HEAD.size + FE_LAYER_OFFSET
+                raw[at:at + 2] = (int.from_bytes(raw[at:at + 2], "little") + layer).to_bytes(2, "little")
+                vals[slot] = bytes(raw)
+    return Node(node.addr, node.gen, node.level, node.owner, list(node.keys), vals, layer)
+
+
 class CrashPoint(Exception):
     """Raised by a test hook to stop a commit at a named step."""
 
@@ -96,6 +120,9 @@ class Volume:
         self.crash_hook = None          # tests: called with a step name during commit
         self.strict = bool(os.environ.get("COWTREE_STRICT"))
         self.max_extent = ondisk.max_data_extent_blocks(sb.nodesize) * BLOCK
+        # layers[0] is this image; layers[n] the n-th base image down the chain,
+        # opened read-only by the layer code above (cowtree.layers).
+        self.layers = [self]
         self._load(sb)
 
     # -- opening and creating -------------------------------------------------
@@ -128,7 +155,7 @@ class Volume:
 
     @classmethod
     def create(cls, path: str, nodesize: int = ondisk.DEFAULT_NODE_SIZE, size_limit: int = 0,
-               label: bytes = b"", device=None) -> "Volume":
+               label: bytes = b"", device=None, incompat_flags: int = 0) -> "Volume":
         """Write a new empty image (root and extent trees only) and open it.
 
         The file must exist and be empty or be overwritten by the caller.
@@ -149,7 +176,7 @@ class Volume:
         sb = Superblock(uuid=uuid, generation=1, nodesize=nodesize, size_limit=size_limit,
                         image_bytes=extent_addr + nodesize, bytes_used=2 * nodesize,
                         root_tree_addr=root_addr, root_tree_gen=1, extent_tree_addr=extent_addr,
-                        extent_tree_gen=1, created_ns=now, label=label)
+                        extent_tree_gen=1, created_ns=now, label=label, incompat_flags=incompat_flags)
         dev.pwrite(root_addr, encode(root_leaf, uuid, nodesize))
         dev.pwrite(extent_addr, encode(extent_leaf, uuid, nodesize))
         dev.flush()
@@ -192,6 +219,8 @@ class Volume:
         return max(1 << 20, 64 * self.nodesize)
 
     def close(self) -> None:
+        for volume in self.layers[1:]:
+            volume.dev.close()
         self.dev.close()
 
     # -- subvolume trees --------------------------------------------------------
@@ -231,12 +260,12 @@ class Volume:
     def read_node(self, ptr, level, tree) -> Node:
         """Return the checked node at block pointer ptr (address, generation, layer)."""
         addr, gen, layer = ptr
+        if layer:
+            return self._read_base_node(addr, gen, layer, level, tree)
         node = self.cache.get(addr)
-        if node is not None and node.gen == gen and layer == 0:
+        if node is not None and node.gen == gen:
             self.cache.move_to_end(addr)
             return node
-        if layer != 0:
-            raise UnsupportedFeatureError(f"block pointer to layer {layer} in an image without base layers")
         self._flush_data()
         buf = self.dev.pread(addr, self.nodesize)
         node = decode(buf, self.uuid, self.nodesize, addr, gen, level, layer, tree.name if tree else "")
@@ -246,11 +275,26 @@ class Volume:
         self._cache_put(node)
         return node
 
-    def _cache_put(self, node: Node) -> None:
+    def _read_base_node(self, addr: int, gen: int, layer: int, level, tree) -> Node:
+        """Return the node at addr in base image ``layer``, its pointers renumbered for this image."""
+        key = addr | layer << LAYER_SHIFT
+        node = self.cache.get(key)
+        if node is not None and node.gen == gen:
+            self.cache.move_to_end(key)
+            return node
+        if layer >= len(self.layers):
+            raise CorruptionError("block pointer", f"to block {addr} in {tree.name}",
+                                  "names a base layer this image does not have", layer, f"< {len(self.layers)}")
+        node = rebase_node(self.layers[layer].read_node((addr, gen, 0), level, tree), layer)
+        self._cache_put(node, key)
+        return node
+
+    def _cache_put(self, node: Node, key: int | None = None) -> None:
         cache = self.cache
-        cache[node.addr] = node
+        key = node.addr if key is None else key
+        cache[key] = node
         if len(cache) > self.cache_limit:
-            self._evict(node.addr)
+            self._evict(key)
 
     def _evict(self, keep: int) -> None:
         """Evict least recently used clean nodes down to 90% of the cache limit.
@@ -469,7 +513,10 @@ class Volume:
     def read_data(self, addr: int, layer: int, offset: int, length: int, context: str = "") -> bytes:
         """Read length bytes at offset inside the data extent at addr, checking each block."""
         if layer:
-            raise UnsupportedFeatureError(f"data in layer {layer} of an image without base layers")
+            if layer >= len(self.layers):
+                raise CorruptionError("file extent", context.strip(" ()") or f"data at {addr}",
+                                      "names a base layer this image does not have", layer, f"< {len(self.layers)}")
+            return self.layers[layer].read_data(addr, 0, offset, length, context)
         self._flush_data()
         first = offset - offset % BLOCK
         last = -(-(offset + length) // BLOCK) * BLOCK
