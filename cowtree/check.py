@@ -84,7 +84,8 @@ class _Walker:
 
     def walk(self, tree: Tree) -> None:
         """Walk tree, counting the pointers of every node not visited before."""
-        self.node_refs[tree.root_ptr[0]] += 1
+        if tree.root_ptr[2] == 0:
+            self.node_refs[tree.root_ptr[0]] += 1
         self._walk(tree, tree.root_ptr, tree.level, None, None, [])
 
     def _walk(self, tree, ptr, level, low, high, path) -> None:
@@ -114,7 +115,8 @@ class _Walker:
             self.report.add("node", where, "empty node below the root", 0, ">= 1 item")
         if node.level:
             for slot, child in enumerate(node.vals):
-                self.node_refs[child[0]] += 1 if child[2] == 0 else 0
+                if child[2] == 0:
+                    self.node_refs[child[0]] += 1
                 child_high = node.keys[slot + 1] if slot + 1 < len(node.keys) else high
                 self._walk(tree, child, node.level - 1, node.keys[slot], child_high, path + [slot])
             return

@@ -18,8 +18,12 @@ log = logging.getLogger(__name__)
 
 
 def mkfs(path: str, size_limit: int = 0, nodesize: int = ondisk.DEFAULT_NODE_SIZE, label: str = "",
-         force: bool = False, uid: int | None = None, gid: int | None = None) -> Volume:
-    """Create a new image at path holding an empty live filesystem, and return it open."""
+         force: bool = False, uid: int | None = None, gid: int | None = None, base: str | None = None) -> Volume:
+    """Create a new image at path, and return it open.
+
+    The image holds an empty live filesystem, or, with ``base``, is an
+    overlay whose live filesystem starts as the base image's.
+    """
     if nodesize < ondisk.MIN_NODE_SIZE or nodesize > ondisk.MAX_NODE_SIZE or nodesize & (nodesize - 1):
         raise ValueError(f"invalid node size {nodesize}: must be a power of two from 4096 to 65536")
     if size_limit and size_limit < ondisk.FIRST_ALLOC + 64 * nodesize + (1 << 20):
@@ -39,6 +43,9 @@ def mkfs(path: str, size_limit: int = 0, nodesize: int = ondisk.DEFAULT_NODE_SIZ
     dev = ImageFile(path, True)
     try:
         os.ftruncate(dev.fd, 0)
+        if base is not None:
+            from .layers import create_overlay
+            return create_overlay(path, base, label=label, device=dev)
         volume = Volume.create(path, nodesize=nodesize, size_limit=size_limit, label=label.encode(), device=dev)
         tree = volume.create_tree(ondisk.FS_TREE_ID, RootItem(created_gen=volume.transid))
         fs = FileSystem(volume, ondisk.FS_TREE_ID)
@@ -51,13 +58,24 @@ def mkfs(path: str, size_limit: int = 0, nodesize: int = ondisk.DEFAULT_NODE_SIZ
     return volume
 
 
-def open_image(path: str, writable: bool = False, **kwargs) -> Volume:
-    """Open an existing image."""
+def open_image(path: str, writable: bool = False, base: str | None = None, **kwargs) -> Volume:
+    """Open an existing image, and the chain of base images below an overlay.
+
+    ``base`` names the direct base's file when it moved; a writable open
+    records the new place.
+    """
     if not os.path.exists(path):
         raise FileNotFoundError(2, "No such file or directory", path)
     if os.path.isdir(path):
         raise NotAnImageError(f"{path}: is a directory, not an image")
-    return Volume.open(path, writable=writable, **kwargs)
+    volume = Volume.open(path, writable=writable, **kwargs)
+    try:
+        from .layers import attach_bases
+        attach_bases(volume, base)
+    except BaseException:
+        volume.close()
+        raise
+    return volume
 
 
 def live(volume: Volume) -> FileSystem:
