@@ -498,8 +498,13 @@ class FileSystem:
         return [key[2] for key, _ in self.tree.items((ondisk.ORPHAN_OBJECTID, ondisk.ORPHAN_ITEM, 0),
                                                       (ondisk.ORPHAN_OBJECTID, ondisk.ORPHAN_ITEM + 1, 0))]
 
-    def rename(self, old_dir: int, old_name: bytes, new_dir: int, new_name: bytes, flags: int = 0) -> None:
-        """Rename with POSIX semantics; flags are RENAME_NOREPLACE and RENAME_EXCHANGE."""
+    def rename(self, old_dir: int, old_name: bytes, new_dir: int, new_name: bytes, flags: int = 0,
+               keep_if_open=None) -> None:
+        """Rename with POSIX semantics; flags are RENAME_NOREPLACE and RENAME_EXCHANGE.
+
+        A replaced file whose last link goes is kept as an orphan when
+        ``keep_if_open(ino)`` returns True, as in :meth:`unlink`.
+        """
         self._writable()
         if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
             raise InvalidArgument("Invalid argument")
@@ -539,7 +544,7 @@ class FileSystem:
                 new_parent.nlink -= 1
                 self.free_inode(dst_ino)
             else:
-                self._drop_link(dst)
+                self._drop_link(dst, keep_if_open)
         if src.is_dir and new_dir != old_dir:
             old_parent.nlink -= 1
             new_parent.nlink += 1
