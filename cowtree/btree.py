@@ -161,6 +161,8 @@ class Tree:
         store = self.store
         cap = store.capacity
         need = ITEM_SIZE + len(data)
+        if need * 4 > cap + 3:
+            raise ValueError(f"item {key} of {len(data)} bytes is larger than a quarter of a leaf")
         node = self._writable_root()
         if node.level == 0:
             full = node.used + need > cap

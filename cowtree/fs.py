@@ -302,13 +302,16 @@ class FileSystem:
             entry_all = existing + entry
         else:
             entry_all = entry
+        ref_key = (inode.ino, INODE_REF, parent.ino)
+        old_ref = tree.get(ref_key)
+        if old_ref and len(old_ref) + IREF.size + len(name) > self.max_item:
+            raise TooManyLinks(f"Too many links: the names of inode {inode.ino} in directory {parent.ino} "
+                               f"fill one INODE_REF item")
         index = parent.seq
         parent.seq += 1
         tree.put(hash_key, entry_all)
         tree.put((parent.ino, DIR_INDEX, index), entry)
-        ref_key = (inode.ino, INODE_REF, parent.ino)
         ref = IREF.pack(index, len(name)) + name
-        old_ref = tree.get(ref_key)
         tree.put(ref_key, old_ref + ref if old_ref else ref)
         parent.size += 2 * len(name)
         now = time.time_ns()

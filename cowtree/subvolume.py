@@ -2,9 +2,9 @@
 
 A subvolume is one filesystem tree with a ROOT_ITEM (and, except for the
 live filesystem, a ROOT_NAME) in the root tree.  A snapshot is made in O(1)
-of the tree's size: the running transaction is committed, the source's
-root node is copied for the snapshot, and each child of that root gains a
-reference.  Later writes to either tree copy shared nodes lazily
+of the tree's size: the running transaction is committed, and the
+snapshot's ROOT_ITEM points at the source's root node, whose reference
+count goes up by one.  Later writes to either tree copy shared nodes lazily
 (``Volume.cow``).
 
 Deleting a subvolume removes its name at once and marks its ROOT_ITEM
@@ -151,15 +151,16 @@ def create_snapshot(volume, name: bytes, source: bytes | None = None, writable: 
 
 
 def copy_root(volume, src: Tree, dst: Tree) -> None:
-    """Give dst a copy of src's root node; each child of the root gains a reference."""
-    root = volume.read_node(src.root_ptr, src.level, src)
-    copy = volume.new_node(root.level, dst)
-    copy.keys = list(root.keys)
-    copy.vals = list(root.vals)
-    copy.used = root.used
-    volume.ref_children(root, +1)
-    dst.root_ptr = copy.ptr
-    dst.level = root.level
+    """Point dst at src's root node, which gains a reference.
+
+    Nothing else is written: the first change through either tree copies
+    the root and adds a reference to each of its children (Volume.cow).
+    """
+    addr, _gen, layer = src.root_ptr
+    if layer == 0:
+        volume.add_ref(addr, volume.nodesize, +1)
+    dst.root_ptr = src.root_ptr
+    dst.level = src.level
     dst.changed = True
 
 

@@ -414,8 +414,6 @@ class Volume:
             self.fresh.discard(addr)
             self.csum_cache.pop(addr, None)
             self.free.release(addr, ref.length)
-            if ref.flags & ondisk.EXTENT_FLAG_TREE_BLOCK:
-                self.bytes_used -= 0  # not counted until the commit inserts it
 
     def extent_item(self, addr: int):
         """Return (key, refs, generation, flags, owner, csums) of the committed item at addr, or None."""
@@ -686,6 +684,10 @@ class Volume:
             self.trees[tree_id] = tree
 
     def _scan_extents(self, lo: int, hi: int):
+        """Yield (address, length) of the extents that overlap [lo, hi), in address order."""
+        before = self.extent_tree.floor((lo - 1, 0xFF, 0xFFFFFFFFFFFFFFFF)) if lo else None
+        if before is not None and before[0][1] == ondisk.EXTENT_ITEM and before[0][0] + before[0][2] > lo:
+            yield before[0][0], before[0][2]
         for key, _ in self.extent_tree.items((lo, 0, 0), (hi, 0, 0)):
             if key[1] == ondisk.EXTENT_ITEM:
                 yield key[0], key[2]
