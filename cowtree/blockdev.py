@@ -155,6 +155,9 @@ class Superblock:
         """Decode one copy; raise CorruptionError or NotAnImageError when it is invalid."""
         where = f"copy {copy_index} at offset {ondisk.SUPERBLOCK_OFFSETS[copy_index]}"
         if len(block) < ondisk.BLOCK_SIZE:
+            if len(block) >= len(ondisk.MAGIC) and block.startswith(ondisk.MAGIC):
+                raise NotAnImageError(f"superblock {where}: image is truncated: the file ends {len(block)} bytes "
+                                      f"into this {ondisk.BLOCK_SIZE}-byte copy")
             raise NotAnImageError(f"superblock {where}: file too short")
         if block[:8] != ondisk.MAGIC:
             raise NotAnImageError(f"superblock {where}: bad magic {block[:8]!r}")
