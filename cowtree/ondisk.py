@@ -28,9 +28,10 @@ MAX_NODE_SIZE = 65536
 
 # Two superblock copies: generation N is written to copy N % 2, so a torn
 # write of the newest copy leaves the previous generation intact in the other.
-SUPERBLOCK_OFFSETS = (0, 65536)
+# They sit in the first two blocks, so an empty overlay image stays small.
+SUPERBLOCK_OFFSETS = (0, 4096)
 # Nothing is allocated below this address: it holds the superblock copies.
-FIRST_ALLOC = 131072
+FIRST_ALLOC = 8192
 
 NODE_MAGIC = 0x444E5443      # "CTND" read as little-endian bytes
 
@@ -208,9 +209,10 @@ ROOT_DELETING = 2
 
 # ROOT_NAME, key (tree id, ROOT_NAME, 0): the subvolume's name as raw bytes.
 
-# LAYER_ITEM, key (0, LAYER_ITEM, n): the n-th base image (n >= 1).  The
-# path follows the fixed part; it is relative to the overlay's directory when
-# it was given so.
+# LAYER_ITEM, key (0, LAYER_ITEM, 1): the overlay's direct base image.  Only
+# offset 1 is used: a deeper base is found through each base's own
+# LAYER_ITEM.  The path follows the fixed part, relative to the overlay's
+# directory unless it is absolute.
 LAYER_ITEM_S = Struct(
     "uuid" / Bytes(16),
     "generation" / Int64ul,
