@@ -1,0 +1,5 @@
+"""Run the cowtree command line: python -m cowtree."""
+
+from .cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,314 @@
+"""The cowtree command line.
+
+Only click and the light :mod:`cowtree.operands` are imported at start-up,
+so ``cowtree --help`` loads no engine code; each command imports what it
+needs when it runs.  Every failure reaches :func:`main`, and
+:func:`describe_error` turns it into one message line and an exit status.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import click
+
+from . import __version__
+from .operands import parse_location, parse_size
+
+EXIT_OK = 0
+EXIT_FAILURE = 1          # an operation failed: missing path, no space, permission, ...
+EXIT_USAGE = 2            # invalid command line (click's own status)
+EXIT_BAD_IMAGE = 3        # not a cowtree image, corrupt, or a format this version cannot read
+EXIT_IN_USE = 4           # another process holds the image's lock
+EXIT_INTERNAL = 70        # a bug in cowtree: rerun with --debug for the traceback
+EXIT_INTERRUPTED = 130    # interrupted by Ctrl-C; the images stay at their last commit
+
+EPILOG = """\b
+Exit statuses: 0 success, 1 an operation failed, 2 invalid command line,
+3 not a cowtree image or a damaged one, 4 image in use by another process,
+70 internal error, 130 interrupted.  A failed command leaves every image
+at its last commit."""
+
+log = logging.getLogger("cowtree")
+_debug = False
+
+
+class SizeParam(click.ParamType):
+    """A byte count with an optional K, M, G or T suffix (powers of 1024)."""
+
+    name = "SIZE"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+SIZE = SizeParam()
+
+
+def warn(message: str) -> None:
+    sys.stderr.write(f"cowtree: {message}\n")
+
+
+def _out():
+    return sys.stdout.buffer
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG)
+@click.option("-v", "--verbose", is_flag=True, help="Report commits and copy totals on stderr.")
+@click.option("--debug", is_flag=True, help="Log debug messages and print a traceback on errors.")
+@click.version_option(__version__, prog_name="cowtree")
+def cli(verbose: bool, debug: bool) -> None:
+    """Work with cowtree images: copy-on-write B-tree filesystems held in one file.
+
+    A path inside an image is written IMAGE:/path, and a path inside a
+    snapshot IMAGE@NAME:/path.  Commands that change an image run as one
+    transaction: committed at the end, or dropped on any error.
+    """
+    global _debug
+    _debug = debug
+    level = logging.WARNING
+    if verbose:
+        level = logging.INFO
+    if debug:
+        level = logging.DEBUG
+    logging.basicConfig(stream=sys.stderr, level=level,
+                        format="cowtree: %(name)s: %(message)s" if debug else "cowtree: %(message)s")
+
+
+@cli.command()
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.option("--size", type=SIZE, default="0", show_default=True,
+              help="Size limit of the image in bytes (K, M, G, T suffixes); 0 lets it grow.")
+@click.option("--node-size", type=SIZE, default="16K", show_default=True,
+              help="B-tree node size in bytes: a power of two from 4K to 64K.")
+@click.option("--label", default="", help="Label stored in the superblock, at most 64 bytes.")
+@click.option("--force", is_flag=True, help="Overwrite an existing non-empty file.")
+def mkfs(image: str, size: int, node_size: int, label: str, force: bool) -> None:
+    """Create an empty image file IMAGE."""
+    from . import commands
+    from .operands import CommandError
+    if not force and os.path.isfile(image) and os.path.getsize(image) > 0:
+        raise CommandError(None, image, message=f"{image}: file exists and is not empty; use --force to overwrite it")
+    try:
+        result = commands.mkfs(image, size, node_size, label, force)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    log.info("created %s: uuid %s, node size %d, size limit %s", image, result["uuid"], result["node_size"],
+             result["size_limit"] or "none")
+
+
+@cli.command(epilog=EPILOG)
+@click.option("-l", "long", is_flag=True, help="Long listing, like ls -l.")
+@click.option("-a", "show_all", is_flag=True, help="Include names starting with '.', and '.' and '..'.")
+@click.option("-R", "recursive", is_flag=True, help="List subdirectories recursively.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print a JSON list of objects: name, path, type, mode, size, nlink, uid, gid, mtime_ns, "
+                   "ino, and target for symlinks.")
+@click.argument("operand", metavar="IMAGE[:/PATH]")
+def ls(long: bool, show_all: bool, recursive: bool, as_json: bool, operand: str) -> None:
+    """List a directory inside an image (the root when no path is given)."""
+    from . import commands
+    commands.ls(operand, long, show_all, recursive, as_json, _out())
+
+
+@cli.command(epilog=EPILOG)
+@click.option("-r", "-R", "--recursive", "recursive", is_flag=True, help="Copy directories recursively.")
+@click.option("-a", "--archive", "archive", is_flag=True,
+              help="Same as -r, and keep modes, owners, times, symlinks, hard links, xattrs and holes.")
+@click.option("--exclude", "excludes", multiple=True, metavar="PATTERN",
+              help="Leave out entries whose name matches this shell pattern; may be repeated.")
+@click.argument("paths", nargs=-1, required=True, metavar="SRC... DST")
+def cp(recursive: bool, archive: bool, excludes: tuple, paths: tuple) -> int:
+    """Copy files between the host and images, or between images.
+
+    Each of SRC and DST is a host path or IMAGE:/path.  A source whose last
+    component is '/' or '.' has its contents copied into DST.  Without -r a
+    symlink given as SRC is followed; with -r or -a it is copied as a link.
+    """
+    if len(paths) < 2:
+        raise click.UsageError(f"missing destination file operand after '{paths[0]}'")
+    *sources, dest = paths
+    if parse_location(dest) is None and all(parse_location(text) is None for text in sources):
+        raise click.UsageError("at least one of SRC and DST must be an image path (IMAGE:/path)")
+    from . import commands
+    from .copying import CopyOptions
+    options = CopyOptions(recursive=recursive or archive, preserve=archive, excludes=excludes)
+    return commands.cp(list(sources), dest, options, warn, sys.stderr.isatty())
+
+
+@cli.command(epilog=EPILOG)
+@click.argument("operands", nargs=-1, required=True, metavar="IMAGE:/PATH...")
+def cat(operands: tuple) -> None:
+    """Write the contents of files inside images to standard output."""
+    from . import commands
+    commands.cat(list(operands), _out())
+
+
+def _octal_mode(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        mode = int(value, 8)
+    except ValueError:
+        raise click.BadParameter(f"invalid mode {value!r}: expected octal digits such as 755") from None
+    if mode > 0o7777:
+        raise click.BadParameter(f"invalid mode {value!r}: at most 7777")
+    return mode
+
+
+@cli.command(epilog=EPILOG)
+@click.option("-p", "--parents", is_flag=True, help="Create missing parents; an existing directory is no error.")
+@click.option("-m", "--mode", callback=_octal_mode, help="Permission bits in octal (default: 777 less the umask).")
+@click.argument("operands", nargs=-1, required=True, metavar="IMAGE:/PATH...")
+def mkdir(parents: bool, mode: int | None, operands: tuple) -> None:
+    """Create directories inside an image."""
+    from . import commands
+    commands.mkdir(list(operands), parents, mode)
+
+
+@cli.command(epilog=EPILOG)
+@click.option("-r", "-R", "--recursive", "recursive", is_flag=True, help="Remove directories and their contents.")
+@click.option("-f", "--force", is_flag=True, help="Ignore paths that do not exist.")
+@click.argument("operands", nargs=-1, required=True, metavar="IMAGE:/PATH...")
+def rm(recursive: bool, force: bool, operands: tuple) -> None:
+    """Remove files, or with -r whole trees, inside an image."""
+    from . import commands
+    commands.rm(list(operands), recursive, force)
+
+
+@cli.command(epilog=EPILOG)
+@click.argument("operands", nargs=-1, required=True, metavar="IMAGE:/PATH...")
+def rmdir(operands: tuple) -> None:
+    """Remove empty directories inside an image."""
+    from . import commands
+    commands.rmdir(list(operands))
+
+
+@cli.command(epilog=EPILOG)
+@click.argument("paths", nargs=-1, required=True, metavar="IMAGE:/SRC... IMAGE:/DST")
+def mv(paths: tuple) -> None:
+    """Rename or move entries inside one image.
+
+    When DST is an existing directory the sources move into it.
+    """
+    if len(paths) < 2:
+        raise click.UsageError(f"missing destination file operand after '{paths[0]}'")
+    from . import commands
+    commands.mv(list(paths[:-1]), paths[-1])
+
+
+@cli.command(epilog=EPILOG)
+@click.option("-s", "--symbolic", is_flag=True, help="Make a symbolic link whose target is TARGET as written.")
+@click.argument("target")
+@click.argument("link", metavar="IMAGE:/LINK")
+def ln(symbolic: bool, target: str, link: str) -> None:
+    """Make a hard link to TARGET (IMAGE:/path in the same image), or with -s a symbolic link."""
+    from . import commands
+    commands.ln(target, link, symbolic)
+
+
+@cli.command(epilog=EPILOG)
+@click.option("-L", "--dereference", "follow", is_flag=True, help="Follow symlinks.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list with every inode field.")
+@click.argument("operands", nargs=-1, required=True, metavar="IMAGE:/PATH...")
+def stat(follow: bool, as_json: bool, operands: tuple) -> None:
+    """Show the inode of entries inside an image, like coreutils stat."""
+    from . import commands
+    commands.stat(list(operands), follow, as_json, _out())
+
+
+@cli.command(epilog=EPILOG)
+@click.option("--json", "as_json", is_flag=True,
+              help="Print JSON with used_bytes, free_bytes, image_bytes, size_limit and more.")
+@click.argument("images", nargs=-1, required=True, metavar="IMAGE...")
+def df(as_json: bool, images: tuple) -> None:
+    """Show how much space an image uses and has left."""
+    from . import commands
+    commands.df(list(images), as_json, _out())
+
+
+@cli.command(epilog=EPILOG)
+@click.option("--json", "as_json", is_flag=True, help="Print the same fields as JSON.")
+@click.argument("images", nargs=-1, required=True, metavar="IMAGE...")
+def info(as_json: bool, images: tuple) -> None:
+    """Show the superblock in use, both superblock copies and the root of every tree."""
+    from . import commands
+    commands.info(list(images), as_json, _out())
+
+
+# ---------------------------------------------------------------------------
+# Errors
+
+
+def reason_of(exc: BaseException) -> str:
+    """Return the coreutils-style reason for an error: the strerror text, plus any detail."""
+    from .errors import CowtreeError
+    if isinstance(exc, OSError) and exc.errno:
+        strerror = os.strerror(exc.errno)
+        if isinstance(exc, CowtreeError):
+            text = str(exc)
+            return text if strerror.lower() in text.lower() else f"{strerror} ({text})"
+        return exc.strerror or strerror
+    if isinstance(exc, CowtreeError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def status_of(exc: BaseException) -> int:
+    from .errors import (CorruptionError, CowtreeError, ImageInUseError, NotAnImageError,
+                         UnsupportedFeatureError)
+    if isinstance(exc, ImageInUseError):
+        return EXIT_IN_USE
+    if isinstance(exc, (CorruptionError, NotAnImageError, UnsupportedFeatureError)):
+        return EXIT_BAD_IMAGE
+    if isinstance(exc, (CowtreeError, OSError)):
+        return EXIT_FAILURE
+    return EXIT_INTERNAL
+
+
+def describe_error(exc: BaseException) -> tuple[str, int]:
+    """Turn any error a command raised into (message without the 'cowtree: ' prefix, exit status)."""
+    from .operands import CommandError
+    if isinstance(exc, CommandError):
+        if exc.message is not None:
+            head = exc.message
+        elif exc.action is not None:
+            head = f"{exc.action} '{exc.operand}'"
+        else:
+            head = exc.operand
+        if exc.cause is None:
+            return head, EXIT_FAILURE
+        return f"{head}: {reason_of(exc.cause)}", status_of(exc.cause)
+    status = status_of(exc)
+    if status == EXIT_INTERNAL:
+        return f"internal error: {reason_of(exc)} (rerun with --debug for the traceback)", status
+    if isinstance(exc, OSError) and exc.filename is not None and not str(exc).startswith(str(exc.filename)):
+        return f"{exc.filename}: {reason_of(exc)}", status
+    return reason_of(exc), status
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line and return its exit status."""
+    try:
+        status = cli.main(args=argv, prog_name="cowtree", standalone_mode=False)
+    except click.exceptions.Abort:
+        warn("interrupted")
+        return EXIT_INTERRUPTED
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except Exception as exc:  # every failure ends here once, as a message and an exit status
+        if _debug:
+            import traceback
+            traceback.print_exc()
+        message, status = describe_error(exc)
+        warn(message)
+        return status
+    return status if isinstance(status, int) else EXIT_OK
