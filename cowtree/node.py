@@ -8,6 +8,10 @@ its parent expects, item count, key order and item bounds.  A failure raises
 
 from __future__ import annotations
 
+import struct
+from itertools import accumulate, islice, repeat
+from operator import lt, sub
+
 from . import ondisk
 from .checksum import crc32c
 from .errors import CorruptionError
@@ -18,6 +22,17 @@ ITEM = ondisk.LEAF_ITEM_CODEC
 ITEM_SIZE = ondisk.LEAF_ITEM_SIZE
 PTR = ondisk.KEY_PTR_CODEC
 PTR_SIZE = ondisk.KEY_PTR_SIZE
+
+# Views of the same bytes as PTR that skip fields, so that ``iter_unpack``
+# returns key tuples and block pointer tuples directly instead of a Python
+# loop taking each entry apart.  The formats are cut from the ondisk codec
+# at the end of the key it starts with.
+_KEY_FORMAT = ondisk.KEY_CODEC.format
+_KEY_SIZE = ondisk.KEY_CODEC.size
+if not PTR.format.startswith(_KEY_FORMAT):
+    raise ImportError("key pointers must start with a key")
+PTR_KEY = struct.Struct(f"{_KEY_FORMAT}{PTR_SIZE - _KEY_SIZE}x")
+PTR_CHILD = struct.Struct(f"<{_KEY_SIZE}x{PTR.format[len(_KEY_FORMAT):]}")
 
 
 class Node:
@@ -55,29 +70,33 @@ class Node:
 
 
 def encode(node: Node, uuid: bytes, nodesize: int) -> bytes:
-    """Return the on-disk bytes of node, checksum included."""
+    """Return the on-disk bytes of node, checksum included.
+
+    A leaf's item headers follow the node header in key order, and the data
+    of item 0 ends at the end of the node, the data of item 1 right before
+    it, and so on, with zeros between the last header and the lowest data.
+    """
     buf = bytearray(nodesize)
     count = len(node.keys)
-    if node.level == 0:
-        end = nodesize - HEADER_SIZE
-        pos = HEADER_SIZE
-        pack_item = ITEM.pack_into
-        for key, val in zip(node.keys, node.vals):
-            size = len(val)
-            end -= size
-            pack_item(buf, pos, key[0], key[1], key[2], end, size)
-            buf[HEADER_SIZE + end:HEADER_SIZE + end + size] = val
-            pos += ITEM_SIZE
-        if pos > HEADER_SIZE + end:
+    capacity = nodesize - HEADER_SIZE
+    if count and node.level == 0:
+        vals = node.vals
+        sizes = list(map(len, vals))
+        total = sum(sizes)
+        if count * ITEM_SIZE > capacity - total:
             raise ValueError(f"leaf {node.addr} overflows: {node.used} bytes of items")
-    else:
-        pos = HEADER_SIZE
-        pack_ptr = PTR.pack_into
-        for key, (addr, gen, layer) in zip(node.keys, node.vals):
-            pack_ptr(buf, pos, key[0], key[1], key[2], addr, gen, layer)
-            pos += PTR_SIZE
-        if pos > nodesize:
+        data_offsets = map(sub, repeat(capacity), accumulate(sizes))
+        objectids, types, offsets = zip(*node.keys)
+        headers = b"".join(map(ITEM.pack, objectids, types, offsets, data_offsets, sizes))
+        buf[HEADER_SIZE:HEADER_SIZE + len(headers)] = headers
+        buf[nodesize - total:] = b"".join(reversed(vals))
+    elif count:
+        if count * PTR_SIZE > capacity:
             raise ValueError(f"node {node.addr} overflows: {count} pointers")
+        objectids, types, offsets = zip(*node.keys)
+        addrs, gens, layers = zip(*node.vals)
+        entries = b"".join(map(PTR.pack, objectids, types, offsets, addrs, gens, layers))
+        buf[HEADER_SIZE:HEADER_SIZE + len(entries)] = entries
     HEADER.pack_into(buf, 0, 0, ondisk.NODE_MAGIC, uuid, node.addr, node.gen, node.owner, count, node.level, 0)
     buf[0:4] = crc32c(memoryview(buf)[4:]).to_bytes(4, "little")
     return bytes(buf)
@@ -135,14 +154,13 @@ def decode(buf: bytes, uuid: bytes, nodesize: int, addr: int, gen: int | None, l
             raise CorruptionError(what, where, "internal node without pointers", 0, "at least 1")
         if count * PTR_SIZE > capacity:
             raise CorruptionError(what, where, "pointer count exceeds the node", count, f"at most {capacity // PTR_SIZE}")
-        keys = []
-        vals = []
-        for objectid, typ, offset, child, child_gen, child_layer in PTR.iter_unpack(
-                buf[HEADER_SIZE:HEADER_SIZE + count * PTR_SIZE]):
-            keys.append((objectid, typ, offset))
-            vals.append((child, child_gen, child_layer))
-    for slot in range(1, len(keys)):
-        if keys[slot - 1] >= keys[slot]:
-            raise CorruptionError(what, f"{where} slot {slot}", "keys out of order", keys[slot], f"greater than {keys[slot - 1]}")
+        entries = buf[HEADER_SIZE:HEADER_SIZE + count * PTR_SIZE]
+        keys = list(PTR_KEY.iter_unpack(entries))
+        vals = list(PTR_CHILD.iter_unpack(entries))
+    if not all(map(lt, keys, islice(keys, 1, None))):
+        for slot in range(1, len(keys)):
+            if keys[slot - 1] >= keys[slot]:
+                raise CorruptionError(what, f"{where} slot {slot}", "keys out of order", keys[slot],
+                                      f"greater than {keys[slot - 1]}")
     node = Node(addr, node_gen, node_level, owner, keys, vals, layer)
     return node
