@@ -1,0 +1,778 @@
+"""Mount an image through FUSE (pyfuse3), read-write, with POSIX semantics.
+
+Caveats first:
+
+- pyfuse3 3.5 has no ``lseek`` handler, so the kernel handles SEEK_DATA and
+  SEEK_HOLE itself with its generic rule: the whole file is data, and the
+  only hole is at the end of the file.
+- pyfuse3 3.5 has no ``fallocate`` handler either, so fallocate(2) and
+  posix_fallocate(3) through the mount fail with EOPNOTSUPP (glibc's
+  posix_fallocate then falls back to writing zeros).
+- Access times are never updated by reads (as with ``noatime``).
+- POSIX ACLs are not supported: their xattrs fail with EOPNOTSUPP.
+- A mutating operation that fails half-way (no space, a corrupt node, a bug)
+  cannot be undone on its own.  The mount then aborts the running
+  transaction, which returns the image to its last commit, and turns
+  read-only; the error is logged.  Changes since the last commit are lost.
+
+Inode numbers: the kernel's ROOT_INODE (1) is the mounted subvolume's root
+directory (inode 256 in the image); every other inode of the mounted
+subvolume keeps its image number.  Snapshots appear read-only under
+``MOUNTPOINT/.snapshots/NAME``.  The ``.snapshots`` directory is inode 2,
+and inode ``ino`` of the snapshot with tree id ``t`` is ``(t << 40) | ino``.
+Image inode numbers start at 256 and subvolume tree ids at 256, so a
+snapshot inode is at least 2**48 and cannot collide with a live inode as
+long as the live filesystem has used fewer than 2**40 inode numbers and
+tree ids stay below 2**24 (both are checked, failing with EOVERFLOW).
+
+Durability: every change goes into the volume's running transaction, which
+is committed every ``commit_interval`` seconds, on fsync and fsyncdir, and
+at unmount.  After a crash of the mount process the image opens at its last
+commit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import functools
+import logging
+import os
+import signal
+import stat as stat_module
+import subprocess
+import sys
+
+import pyfuse3
+import trio
+
+from . import ondisk
+from .errors import CorruptionError, CowtreeError, CrossDevice, FsError, NoSpaceError, NotADirectory, ReadOnly
+from .fs import FileSystem
+from .image import open_image
+from .subvolume import find, list_subvolumes
+
+log = logging.getLogger(__name__)
+
+ROOT_INO = ondisk.ROOT_DIR_INO
+SNAPSHOTS_NAME = b".snapshots"
+SNAPSHOTS_DIR = 2                # kernel inode of MOUNTPOINT/.snapshots
+SNAPSHOT_SHIFT = 40              # kernel inode = (tree id << 40) | image inode, for snapshots
+INO_MASK = (1 << SNAPSHOT_SHIFT) - 1
+MAX_TREE_ID = 1 << 24
+
+# Cache timeouts, in seconds, for the kernel's dentry and attribute caches.
+# Every change to the mounted subvolume goes through this mount, because the
+# mount holds the image's exclusive lock.  The kernel invalidates what each
+# of its own requests changes: the attributes of the inode after setattr,
+# write, link, unlink and rename, and those of the directories involved.
+# The kernel keeps one inode per inode number, so every hard link of a file
+# shares one cached nlink, mode and owner.  The cost: a file's st_atime
+# stays stale for up to this long, and stat(2) and lookups within the
+# timeout skip this process, which is what makes a cached `ls -l` or `git
+# status` several times faster than with timeouts of 0.  Snapshots never
+# change while mounted, so their entries are cached longer.
+LIVE_TIMEOUT = 1.0
+SNAPSHOT_TIMEOUT = 300.0
+
+DEFAULT_COMMIT_INTERVAL = 5.0
+ACL_XATTRS = (b"system.posix_acl_access", b"system.posix_acl_default")
+
+
+@dataclasses.dataclass
+class OpenFile:
+    """State of one file handle returned by open or create."""
+
+    fs: FileSystem
+    ino: int            # image inode number
+    append: bool        # opened with O_APPEND: every write goes to the end
+
+
+def _fuse_operation(mutating: bool):
+    """Wrap a synchronous handler body as a pyfuse3 handler with one errno mapping.
+
+    The body never awaits, so each request runs to completion before the
+    next one starts, and two requests never change the transaction at once.
+    """
+    def wrap(body):
+        @functools.wraps(body)
+        async def handler(self, *args):
+            try:
+                return body(self, *args)
+            except pyfuse3.FUSEError:
+                raise
+            except BaseException as exc:   # noqa: B902 - every error must become an errno reply
+                raise pyfuse3.FUSEError(self.errno_of(body.__name__, args, exc, mutating)) from None
+        return handler
+    return wrap
+
+
+class CowtreeOperations(pyfuse3.Operations):
+    """The pyfuse3 request handlers over one mounted subvolume and its snapshots."""
+
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, volume, fs: FileSystem, show_snapshots: bool = True):
+        super().__init__()
+        self.vol = volume
+        self.fs = fs
+        self.readonly = fs.readonly
+        self.snapshots: dict[int, FileSystem] = {}
+        self.snapshot_names: dict[bytes, int] = {}
+        if show_snapshots:
+            for sub in list_subvolumes(volume):
+                if sub.name and sub.tree_id != fs.tree_id:
+                    if sub.tree_id >= MAX_TREE_ID:
+                        log.warning("snapshot %s has tree id %d, too large to map to inode numbers; not shown",
+                                    sub.display_name, sub.tree_id)
+                        continue
+                    self.snapshots[sub.tree_id] = FileSystem(volume, sub.tree_id, readonly=True)
+                    self.snapshot_names[sub.name] = sub.tree_id
+        self.lookup_counts: dict[int, int] = {}
+        self.open_counts: dict[tuple[int, int], int] = {}
+        self.handles: dict[int, OpenFile] = {}
+        self.next_fh = 1
+
+    # -- inode numbers -----------------------------------------------------------
+
+    def resolve(self, kernel_ino: int) -> tuple[FileSystem, int]:
+        """Return (filesystem, image inode) of a kernel inode number; .snapshots has none."""
+        if kernel_ino == pyfuse3.ROOT_INODE:
+            return self.fs, ROOT_INO
+        tree_id = kernel_ino >> SNAPSHOT_SHIFT
+        if tree_id == 0:
+            if kernel_ino < ROOT_INO:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            return self.fs, kernel_ino
+        fs = self.snapshots.get(tree_id)
+        if fs is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return fs, kernel_ino & INO_MASK
+
+    def kernel_ino(self, fs: FileSystem, ino: int) -> int:
+        """Return the kernel inode number of image inode ino in fs (see the module docstring)."""
+        if ino > INO_MASK:
+            raise pyfuse3.FUSEError(errno.EOVERFLOW)
+        if fs is self.fs:
+            return pyfuse3.ROOT_INODE if ino == ROOT_INO else ino
+        return (fs.tree_id << SNAPSHOT_SHIFT) | ino
+
+    def writable_fs(self, kernel_ino: int) -> tuple[FileSystem, int]:
+        """Resolve a kernel inode that a request is about to change."""
+        if kernel_ino == SNAPSHOTS_DIR:
+            raise ReadOnly("Read-only file system")
+        return self.resolve(kernel_ino)
+
+    # -- attributes ----------------------------------------------------------------
+
+    def attributes(self, fs: FileSystem, ino: int, inode=None) -> pyfuse3.EntryAttributes:
+        inode = inode or fs.get_inode(ino)
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = self.kernel_ino(fs, ino)
+        attr.generation = inode.generation
+        attr.st_mode = inode.mode
+        attr.st_nlink = inode.nlink
+        attr.st_uid = inode.uid
+        attr.st_gid = inode.gid
+        attr.st_rdev = inode.rdev
+        attr.st_size = inode.size
+        attr.st_blksize = ondisk.BLOCK_SIZE
+        # nbytes counts allocated data bytes only, so a sparse file's holes take no blocks.
+        attr.st_blocks = -(-inode.nbytes // 512)
+        attr.st_atime_ns = inode.atime_ns
+        attr.st_mtime_ns = inode.mtime_ns
+        attr.st_ctime_ns = inode.ctime_ns
+        timeout = LIVE_TIMEOUT if fs is self.fs else SNAPSHOT_TIMEOUT
+        attr.entry_timeout = timeout
+        attr.attr_timeout = timeout
+        return attr
+
+    def snapshots_dir_attributes(self) -> pyfuse3.EntryAttributes:
+        root = self.fs.get_inode(ROOT_INO)
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = SNAPSHOTS_DIR
+        attr.st_mode = stat_module.S_IFDIR | 0o555
+        attr.st_nlink = 2 + len(self.snapshots)
+        attr.st_uid = root.uid
+        attr.st_gid = root.gid
+        attr.st_size = 0
+        attr.st_blksize = ondisk.BLOCK_SIZE
+        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = root.otime_ns
+        attr.entry_timeout = attr.attr_timeout = SNAPSHOT_TIMEOUT
+        return attr
+
+    def attributes_of(self, kernel_ino: int) -> pyfuse3.EntryAttributes:
+        if kernel_ino == SNAPSHOTS_DIR and self.snapshots:
+            return self.snapshots_dir_attributes()
+        fs, ino = self.resolve(kernel_ino)
+        return self.attributes(fs, ino)
+
+    def remember(self, attr: pyfuse3.EntryAttributes) -> pyfuse3.EntryAttributes:
+        """Count one kernel lookup of attr's inode and return attr."""
+        self.lookup_counts[attr.st_ino] = self.lookup_counts.get(attr.st_ino, 0) + 1
+        return attr
+
+    # -- errors --------------------------------------------------------------------
+
+    def errno_of(self, operation: str, args, exc: BaseException, mutating: bool) -> int:
+        """Log exc if it needs logging, and return the errno the kernel gets for it."""
+        target = args[0] if args else None
+        if isinstance(exc, CorruptionError):
+            # The message names the block address; only this request fails.
+            log.error("%s on inode %s: %s", operation, target, exc)
+            if mutating:
+                self.fail_transaction(operation, exc)
+            return errno.EIO
+        if isinstance(exc, NoSpaceError):
+            if mutating:
+                self.fail_transaction(operation, exc)
+            return errno.ENOSPC
+        if isinstance(exc, (FsError, CowtreeError)):
+            return exc.errno
+        if isinstance(exc, OSError) and exc.errno:
+            log.error("%s on inode %s: %s", operation, target, exc)
+            if mutating:
+                self.fail_transaction(operation, exc)
+            return exc.errno
+        log.error("%s on inode %s failed", operation, target, exc_info=exc)
+        if mutating:
+            self.fail_transaction(operation, exc)
+        return errno.EIO
+
+    def fail_transaction(self, operation: str, exc: BaseException) -> None:
+        """Return the image to its last commit and stop accepting changes."""
+        if self.readonly:
+            return
+        log.error("%s failed half-way (%s): aborting the running transaction, which returns the image to "
+                  "generation %d, and continuing read-only; unmount and run fsck", operation, exc,
+                  self.vol.generation)
+        self.vol.abort()
+        self.readonly = True
+        self.fs.readonly = True
+
+    # -- the request handlers ------------------------------------------------------
+
+    @_fuse_operation(mutating=False)
+    def lookup(self, parent_inode, name, ctx=None):
+        if parent_inode == SNAPSHOTS_DIR and self.snapshots:
+            if name == b".":
+                return self.remember(self.snapshots_dir_attributes())
+            if name == b"..":
+                return self.remember(self.attributes(self.fs, ROOT_INO))
+            tree_id = self.snapshot_names.get(name)
+            if tree_id is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            return self.remember(self.attributes(self.snapshots[tree_id], ROOT_INO))
+        fs, dir_ino = self.resolve(parent_inode)
+        if self.snapshots and fs is self.fs and dir_ino == ROOT_INO and name == SNAPSHOTS_NAME:
+            return self.remember(self.snapshots_dir_attributes())
+        if fs is not self.fs and dir_ino == ROOT_INO and name == b"..":
+            return self.remember(self.snapshots_dir_attributes())
+        ino = fs.lookup(dir_ino, name)
+        return self.remember(self.attributes(fs, ino))
+
+    async def forget(self, inode_list):
+        for kernel_ino, count in inode_list:
+            left = self.lookup_counts.get(kernel_ino, 0) - count
+            if left > 0:
+                self.lookup_counts[kernel_ino] = left
+            else:
+                if left < 0:
+                    log.warning("kernel forgot inode %d %d more times than it looked it up", kernel_ino, -left)
+                self.lookup_counts.pop(kernel_ino, None)
+
+    @_fuse_operation(mutating=False)
+    def getattr(self, inode, ctx=None):
+        return self.attributes_of(inode)
+
+    @_fuse_operation(mutating=True)
+    def setattr(self, inode, attr, fields, fh, ctx):
+        fs, ino = self.writable_fs(inode)
+        changes = {}
+        if fields.update_mode:
+            changes["mode"] = attr.st_mode
+        if fields.update_uid:
+            changes["uid"] = attr.st_uid
+        if fields.update_gid:
+            changes["gid"] = attr.st_gid
+        if fields.update_atime:
+            changes["atime_ns"] = attr.st_atime_ns
+        if fields.update_mtime:
+            changes["mtime_ns"] = attr.st_mtime_ns
+        if fields.update_ctime:
+            changes["ctime_ns"] = attr.st_ctime_ns
+        if fields.update_size:
+            changes["size"] = attr.st_size
+        inode_item = fs.setattr(ino, **changes)
+        return self.attributes(fs, ino, inode_item)
+
+    @_fuse_operation(mutating=False)
+    def readlink(self, inode, ctx):
+        fs, ino = self.resolve(inode)
+        return fs.readlink(ino)
+
+    def owner(self, fs: FileSystem, dir_ino: int, mode: int, ctx) -> tuple[int, int, int]:
+        """Return (mode, uid, gid) of a new inode, applying the parent's set-group-ID bit."""
+        parent = fs.get_inode(dir_ino)
+        if not parent.is_dir:
+            raise NotADirectory("Not a directory")
+        gid = ctx.gid
+        if parent.mode & stat_module.S_ISGID:
+            gid = parent.gid
+            if stat_module.S_ISDIR(mode):
+                mode |= stat_module.S_ISGID
+        return mode, ctx.uid, gid
+
+    @_fuse_operation(mutating=True)
+    def mknod(self, parent_inode, name, mode, rdev, ctx):
+        fs, dir_ino = self.writable_fs(parent_inode)
+        mode, uid, gid = self.owner(fs, dir_ino, mode, ctx)
+        inode = fs.mknod(dir_ino, name, mode, uid=uid, gid=gid, rdev=rdev)
+        return self.remember(self.attributes(fs, inode.ino, inode))
+
+    @_fuse_operation(mutating=True)
+    def mkdir(self, parent_inode, name, mode, ctx):
+        fs, dir_ino = self.writable_fs(parent_inode)
+        mode, uid, gid = self.owner(fs, dir_ino, stat_module.S_IFDIR | mode, ctx)
+        inode = fs.mkdir(dir_ino, name, mode, uid=uid, gid=gid)
+        return self.remember(self.attributes(fs, inode.ino, inode))
+
+    @_fuse_operation(mutating=True)
+    def symlink(self, parent_inode, name, target, ctx):
+        fs, dir_ino = self.writable_fs(parent_inode)
+        _, uid, gid = self.owner(fs, dir_ino, stat_module.S_IFLNK, ctx)
+        inode = fs.symlink(dir_ino, name, target, uid=uid, gid=gid)
+        return self.remember(self.attributes(fs, inode.ino, inode))
+
+    @_fuse_operation(mutating=True)
+    def link(self, inode, new_parent_inode, new_name, ctx):
+        fs, ino = self.writable_fs(inode)
+        dir_fs, dir_ino = self.writable_fs(new_parent_inode)
+        if dir_fs is not fs:
+            raise CrossDevice("Invalid cross-device link")
+        linked = fs.link(ino, dir_ino, new_name)
+        return self.remember(self.attributes(fs, ino, linked))
+
+    def is_open(self, fs: FileSystem):
+        """Return the keep_if_open callback for fs: True while a handle has the inode open."""
+        return lambda ino: self.open_counts.get((fs.tree_id, ino), 0) > 0
+
+    @_fuse_operation(mutating=True)
+    def unlink(self, parent_inode, name, ctx):
+        fs, dir_ino = self.writable_fs(parent_inode)
+        fs.unlink(dir_ino, name, keep_if_open=self.is_open(fs))
+
+    @_fuse_operation(mutating=True)
+    def rmdir(self, parent_inode, name, ctx):
+        fs, dir_ino = self.writable_fs(parent_inode)
+        fs.rmdir(dir_ino, name)
+
+    @_fuse_operation(mutating=True)
+    def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        fs, old_dir = self.writable_fs(parent_inode_old)
+        new_fs, new_dir = self.writable_fs(parent_inode_new)
+        if new_fs is not fs:
+            raise CrossDevice("Invalid cross-device link")
+        fs.rename(old_dir, name_old, new_dir, name_new, flags, keep_if_open=self.is_open(fs))
+
+    # -- files -----------------------------------------------------------------------
+
+    def new_handle(self, fs: FileSystem, ino: int, flags: int) -> pyfuse3.FileInfo:
+        fh = self.next_fh
+        self.next_fh += 1
+        self.handles[fh] = OpenFile(fs, ino, bool(flags & os.O_APPEND))
+        key = (fs.tree_id, ino)
+        self.open_counts[key] = self.open_counts.get(key, 0) + 1
+        # keep_cache: the page cache stays valid across opens because every
+        # write goes through this mount.
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    @_fuse_operation(mutating=True)
+    def open(self, inode, flags, ctx):
+        if inode == SNAPSHOTS_DIR:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        fs, ino = self.resolve(inode)
+        node = fs.get_inode(ino)
+        if node.is_dir:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
+            fs._writable()
+        if flags & os.O_TRUNC and node.is_reg and node.size:
+            fs.truncate(ino, 0)
+        return self.new_handle(fs, ino, flags)
+
+    @_fuse_operation(mutating=True)
+    def create(self, parent_inode, name, mode, flags, ctx):
+        fs, dir_ino = self.writable_fs(parent_inode)
+        mode, uid, gid = self.owner(fs, dir_ino, mode, ctx)
+        inode = fs.mknod(dir_ino, name, mode, uid=uid, gid=gid)
+        info = self.new_handle(fs, inode.ino, flags)
+        return info, self.remember(self.attributes(fs, inode.ino, inode))
+
+    @_fuse_operation(mutating=False)
+    def read(self, fh, off, size):
+        handle = self.handles[fh]
+        return handle.fs.read(handle.ino, off, size)
+
+    @_fuse_operation(mutating=True)
+    def write(self, fh, off, buf):
+        handle = self.handles[fh]
+        if handle.append:
+            # The kernel computed off from its cached size; the inode's size is authoritative.
+            off = handle.fs.get_inode(handle.ino).size
+        return handle.fs.write(handle.ino, off, buf)
+
+    @_fuse_operation(mutating=False)
+    def flush(self, fh):
+        return None
+
+    @_fuse_operation(mutating=True)
+    def release(self, fh):
+        handle = self.handles.pop(fh)
+        key = (handle.fs.tree_id, handle.ino)
+        left = self.open_counts.get(key, 0) - 1
+        if left > 0:
+            self.open_counts[key] = left
+            return
+        self.open_counts.pop(key, None)
+        if handle.fs.readonly:
+            return
+        # The last handle of an unlinked file is gone: free its data now.
+        # A crash before this point leaves an ORPHAN_ITEM, freed at the next mount.
+        try:
+            inode = handle.fs.get_inode(handle.ino)
+        except FileNotFoundError:
+            return
+        if inode.nlink == 0:
+            handle.fs.free_inode(handle.ino)
+            log.debug("freed unlinked inode %d at its last release", handle.ino)
+
+    @_fuse_operation(mutating=True)
+    def fsync(self, fh, datasync):
+        self.commit()
+
+    # -- directories -----------------------------------------------------------------
+
+    @_fuse_operation(mutating=False)
+    def opendir(self, inode, ctx):
+        if inode == SNAPSHOTS_DIR and self.snapshots:
+            return inode
+        fs, ino = self.resolve(inode)
+        if not fs.get_inode(ino).is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    @_fuse_operation(mutating=False)
+    def readdir(self, fh, start_id, token):
+        # Offsets: "." is 1, ".." is 2, and an entry's offset is its DIR_INDEX
+        # offset plus 2 (DIR_INDEX offsets start at 2 and are never reused),
+        # so a listing resumes at the right entry while the directory changes.
+        if fh == SNAPSHOTS_DIR:
+            self.readdir_snapshots(start_id, token)
+            return
+        fs, dir_ino = self.resolve(fh)
+        if start_id < 1:
+            if not pyfuse3.readdir_reply(token, b".", self.attributes(fs, dir_ino), 1):
+                return
+        if start_id < 2:
+            if fs is not self.fs and dir_ino == ROOT_INO:
+                parent = self.snapshots_dir_attributes()
+            else:
+                parent = self.attributes(fs, fs.parent_of(dir_ino))
+            if not pyfuse3.readdir_reply(token, b"..", parent, 2):
+                return
+        for index, name, ino, _dtype in fs.readdir(dir_ino, after=max(start_id - 2, 0)):
+            try:
+                attr = self.attributes(fs, ino)
+            except (CorruptionError, FileNotFoundError) as exc:
+                log.error("readdir of inode %d: skipping entry %r: %s", dir_ino, name, exc)
+                continue
+            if not pyfuse3.readdir_reply(token, name, attr, index + 2):
+                return
+            self.remember(attr)
+
+    def readdir_snapshots(self, start_id: int, token) -> None:
+        """List .snapshots; a snapshot's offset is its tree id (at least 256)."""
+        if start_id < 1:
+            if not pyfuse3.readdir_reply(token, b".", self.snapshots_dir_attributes(), 1):
+                return
+        if start_id < 2:
+            if not pyfuse3.readdir_reply(token, b"..", self.attributes(self.fs, ROOT_INO), 2):
+                return
+        for name, tree_id in sorted(self.snapshot_names.items(), key=lambda pair: pair[1]):
+            if tree_id <= start_id:
+                continue
+            attr = self.attributes(self.snapshots[tree_id], ROOT_INO)
+            if not pyfuse3.readdir_reply(token, name, attr, tree_id):
+                return
+            self.remember(attr)
+
+    @_fuse_operation(mutating=False)
+    def releasedir(self, fh):
+        return None
+
+    @_fuse_operation(mutating=True)
+    def fsyncdir(self, fh, datasync):
+        self.commit()
+
+    # -- the filesystem --------------------------------------------------------------
+
+    @_fuse_operation(mutating=False)
+    def statfs(self, ctx):
+        stats = pyfuse3.StatvfsData()
+        block = ondisk.BLOCK_SIZE
+        used = self.vol.bytes_used
+        limit = self.vol.sb.size_limit
+        if limit:
+            free = max(0, limit - used)
+        else:
+            # Without a size limit the image grows into the host filesystem.
+            host = os.statvfs(os.path.dirname(os.path.abspath(self.vol.path)))
+            free = host.f_bavail * host.f_frsize
+        stats.f_bsize = block
+        stats.f_frsize = block
+        stats.f_blocks = (used + free) // block
+        stats.f_bfree = free // block
+        stats.f_bavail = free // block
+        # Inodes are items in the tree, limited only by space.
+        stats.f_files = stats.f_blocks
+        stats.f_ffree = stats.f_bfree
+        stats.f_favail = stats.f_bfree
+        stats.f_namemax = ondisk.NAME_MAX
+        return stats
+
+    # -- extended attributes ---------------------------------------------------------
+
+    @_fuse_operation(mutating=True)
+    def setxattr(self, inode, name, value, ctx):
+        # pyfuse3 handles XATTR_CREATE and XATTR_REPLACE by calling getxattr first.
+        reject_acl(name)
+        fs, ino = self.writable_fs(inode)
+        fs.setxattr(ino, name, value)
+
+    @_fuse_operation(mutating=False)
+    def getxattr(self, inode, name, ctx):
+        # pyfuse3 answers the size probe (size 0) and returns ERANGE when the
+        # caller's buffer is too small.
+        reject_acl(name)
+        if inode == SNAPSHOTS_DIR:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        fs, ino = self.resolve(inode)
+        return fs.getxattr(ino, name)
+
+    @_fuse_operation(mutating=False)
+    def listxattr(self, inode, ctx):
+        if inode == SNAPSHOTS_DIR:
+            return []
+        fs, ino = self.resolve(inode)
+        return fs.listxattr(ino)
+
+    @_fuse_operation(mutating=True)
+    def removexattr(self, inode, name, ctx):
+        fs, ino = self.writable_fs(inode)
+        fs.removexattr(ino, name)
+
+    # -- commits ---------------------------------------------------------------------
+
+    def commit(self) -> None:
+        """Commit the running transaction if anything changed."""
+        if self.readonly or not self.vol.has_changes():
+            return
+        generation = self.vol.commit()
+        log.debug("committed generation %d", generation)
+
+    def free_orphans(self) -> int:
+        """Free inodes that were unlinked while open when the last mount ended; return how many."""
+        if self.readonly:
+            return 0
+        orphans = self.fs.orphans()
+        for ino in orphans:
+            self.fs.free_inode(ino)
+        if orphans:
+            log.info("freed %d unlinked inodes left open by the last mount", len(orphans))
+            self.vol.commit()
+        return len(orphans)
+
+
+def reject_acl(name: bytes) -> None:
+    """Raise EOPNOTSUPP for the POSIX ACL xattrs, which this mount does not implement.
+
+    Stored as plain xattrs they would be ignored by permission checks and
+    would not change the mode, so `cp -a` and `tar --acls` would silently
+    lose permissions; with EOPNOTSUPP they fall back to chmod(2).
+    """
+    if name in ACL_XATTRS:
+        raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+
+
+# -- mounting ----------------------------------------------------------------------------
+
+def split_image_spec(spec: str) -> tuple[str, str | None]:
+    """Split IMAGE[@SNAPSHOT] into the image path and the snapshot name (or None).
+
+    A path that exists as given is taken whole, so image names containing
+    "@" still work; snapshot names never contain "@".
+    """
+    if os.path.exists(spec) or "@" not in spec:
+        return spec, None
+    path, _, name = spec.rpartition("@")
+    return path, name
+
+
+@dataclasses.dataclass
+class MountOptions:
+    """What `cowtree mount` was asked to do."""
+
+    image: str
+    mountpoint: str
+    snapshot: str | None = None
+    readonly: bool = False
+    allow_other: bool = False
+    commit_interval: float = DEFAULT_COMMIT_INTERVAL
+
+
+class Mount:
+    """An image opened and mounted at a mountpoint, not yet serving requests."""
+
+    def __init__(self, options: MountOptions):
+        self.options = options
+        if not os.path.isdir(options.mountpoint):
+            raise NotADirectory(f"mountpoint {options.mountpoint}: not a directory")
+        if options.commit_interval <= 0:
+            raise ValueError(f"invalid commit interval {options.commit_interval}: must be above 0 seconds")
+        name = options.snapshot.encode("utf-8", "surrogateescape") if options.snapshot else None
+        readonly = options.readonly
+        if name and not readonly:
+            # A read-only snapshot mounts read-only and needs only the shared lock.
+            probe = open_image(options.image, writable=False)
+            try:
+                readonly = find(probe, name).readonly
+            finally:
+                probe.close()
+        self.volume = open_image(options.image, writable=not readonly)
+        try:
+            sub = find(self.volume, name)
+            fs = FileSystem(self.volume, sub.tree_id, readonly=readonly or sub.readonly,
+                            label=options.image if name is None else f"{options.image}@{options.snapshot}")
+            self.ops = CowtreeOperations(self.volume, fs, show_snapshots=name is None)
+            self.ops.free_orphans()
+            fuse_options = set(pyfuse3.default_options)
+            fuse_options.add(f"fsname={os.path.abspath(options.image)}")
+            fuse_options.add("subtype=cowtree")
+            if fs.readonly:
+                fuse_options.add("ro")
+            if options.allow_other:
+                fuse_options.add("allow_other")
+            pyfuse3.init(self.ops, options.mountpoint, fuse_options)
+        except BaseException:
+            self.volume.close()
+            raise
+        log.info("mounted %s at %s (%s, generation %d)", fs.label, options.mountpoint,
+                 "read-only" if fs.readonly else "read-write", self.volume.generation)
+
+    def serve(self) -> None:
+        """Serve requests until the filesystem is unmounted or SIGINT/SIGTERM arrives, then commit and close."""
+        unmounted = False
+        try:
+            trio.run(self._main)
+            unmounted = True
+        finally:
+            try:
+                self.ops.commit()
+            finally:
+                pyfuse3.close(unmount=not unmounted)
+                self.volume.close()
+        log.info("unmounted %s at generation %d", self.options.mountpoint, self.volume.generation)
+
+    async def _main(self) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._commit_periodically)
+            nursery.start_soon(self._stop_on_signal)
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel()
+
+    async def _commit_periodically(self) -> None:
+        while True:
+            await trio.sleep(self.options.commit_interval)
+            try:
+                self.ops.commit()
+            except Exception as exc:
+                self.ops.errno_of("commit", (), exc, mutating=True)
+
+    async def _stop_on_signal(self) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                log.info("received signal %d: unmounting", signum)
+                pyfuse3.terminate()
+                return
+
+
+def mount(options: MountOptions, foreground: bool = False) -> None:
+    """Mount an image; without foreground, return once the mount works and serve from a daemon.
+
+    Raises the error of a failed mount in the calling process in both modes.
+    """
+    if foreground:
+        Mount(options).serve()
+        return
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as pipe:
+            status = pipe.read()
+        if status != b"ready":
+            os.waitpid(pid, 0)
+            message = status.decode("utf-8", "replace") or "the mount process exited before the mount was ready"
+            raise MountError(message)
+        return
+    os.close(read_end)
+    exit_status = 1
+    try:
+        os.setsid()
+        try:
+            mounted = Mount(options)
+        except BaseException as exc:   # noqa: B902 - reported to the parent, which raises it
+            os.write(write_end, f"{type(exc).__name__}: {exc}".encode())
+            raise
+        os.write(write_end, b"ready")
+        os.close(write_end)
+        _detach_stdio()
+        mounted.serve()
+        exit_status = 0
+    except BaseException:   # noqa: B902 - the daemon must never return into the caller's code
+        log.exception("mount process failed")
+    finally:
+        os._exit(exit_status)
+
+
+class MountError(CowtreeError):
+    """The mount could not be set up; the message is the reason the daemon reported."""
+
+
+def _detach_stdio() -> None:
+    """Point stdin, stdout and stderr at /dev/null and send logs to syslog when it exists."""
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.StreamHandler) and getattr(handler, "stream", None) in (sys.stderr, sys.stdout):
+            root.removeHandler(handler)
+    if os.path.exists("/dev/log"):
+        from logging.handlers import SysLogHandler
+        root.addHandler(SysLogHandler(address="/dev/log"))
+
+
+def umount(mountpoint: str, lazy: bool = False) -> None:
+    """Unmount a FUSE mount with fusermount3; raise MountError with its message on failure."""
+    command = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [mountpoint]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise MountError("fusermount3 not found: install the fuse3 package") from None
+    if result.returncode:
+        raise MountError(result.stderr.strip() or f"fusermount3 -u {mountpoint} failed")
