@@ -33,7 +33,7 @@ from .btree import Tree
 from .checksum import crc32c
 from .errors import CorruptionError, CowtreeError
 from .fs import FileExtent, Inode, decode_dirents, decode_refs, decode_xattrs, name_hash
-from .transaction import EXTENT, RootItem
+from .transaction import LAYER_SHIFT, EXTENT, RootItem
 
 BLOCK = ondisk.BLOCK_SIZE
 MODULUS = 1 << 128
@@ -334,30 +334,39 @@ class _Walker:
         self.generation = volume.generation
         self.image_end = volume.free.high_water
 
-    def walk(self, tree: Tree, files: bool = False) -> _Summary | None:
+    def walk(self, tree: Tree, files: bool = False, drop_key=None) -> _Summary | None:
         """Walk tree, counting the pointers of every node not visited before.
 
         With files, return the subtree summary of the root, or None when a
-        node could not be read.
+        node could not be read.  ``drop_key`` is the drop progress of a
+        subvolume being deleted: subtrees wholly below it are already freed,
+        so neither they nor the pointers to them count.
         """
-        self.node_refs[tree.root_ptr[0]] += 1
-        self.files = files
+        if tree.root_ptr[2] == 0:
+            self.node_refs[tree.root_ptr[0]] += 1
+        # Summaries are built for every subvolume tree, also one being
+        # deleted, because a later subvolume may share its nodes.
+        self.files = files or tree.tree_id == ondisk.FS_TREE_ID or tree.tree_id >= ondisk.FIRST_SUBVOL_ID
+        self.drop_key = drop_key
         return self._walk(tree, tree.root_ptr, tree.level, None, None, [])
 
     def _walk(self, tree, ptr, level, low, high, path):
-        addr = ptr[0]
-        if ptr[2]:
-            return _Summary(0, 0, [])   # a base image's node: checked with that image
-        if addr in self.visited:
-            return self.summaries.get(addr)
-        self.visited.add(addr)
+        addr, _, layer = ptr
+        # A base image's node is read through the overlay for the file-level
+        # checks; its address, generation and count belong to its own image.
+        visit_key = addr | layer << LAYER_SHIFT
+        if visit_key in self.visited:
+            return self.summaries.get(visit_key)
+        self.visited.add(visit_key)
         path_text = "/".join(map(str, path)) or "root"
-        where = f"at block {addr} in {tree.name}, path {path_text}"
-        if addr % BLOCK or addr < ondisk.FIRST_ALLOC:
+        where = f"at block {addr} in {tree.name}, path {path_text}" + (f", base layer {layer}" if layer else "")
+        if layer:
+            pass
+        elif addr % BLOCK or addr < ondisk.FIRST_ALLOC:
             self.report.add("node", where, "block pointer to an address no node can have", addr,
                             f"a multiple of 4096 at or above {ondisk.FIRST_ALLOC}")
             return None
-        if addr + self.vol.nodesize > self.image_end:
+        elif addr + self.vol.nodesize > self.image_end:
             self.report.add("node", where, "lies past the end of the image", addr + self.vol.nodesize,
                             f"<= {self.image_end}")
             return None
@@ -370,7 +379,7 @@ class _Walker:
         if self.progress is not None and self.report.nodes % 256 == 0:
             self.progress(self.report)
         what = "leaf" if node.level == 0 else "node"
-        if node.gen > self.generation:
+        if node.gen > self.generation and not layer:
             self.report.add(what, where, "generation newer than the superblock's", node.gen,
                             f"<= {self.generation}")
         if node.owner != tree.tree_id and tree.tree_id in (ondisk.ROOT_TREE_ID, ondisk.EXTENT_TREE_ID):
@@ -385,9 +394,11 @@ class _Walker:
         if node.level:
             children = []
             for slot, child in enumerate(node.vals):
+                if self.drop_key is not None and slot + 1 < len(node.keys) and node.keys[slot + 1] <= self.drop_key:
+                    continue
                 if child[2] == 0:
                     self.node_refs[child[0]] += 1
-                if child[1] > node.gen:
+                if child[1] > node.gen and child[2] == layer:
                     self.report.add("node", f"{where} slot {slot}", "child generation newer than its parent",
                                     child[1], f"<= {node.gen}")
                 child_high = node.keys[slot + 1] if slot + 1 < len(node.keys) else high
@@ -395,7 +406,7 @@ class _Walker:
             if not self.files or any(c is None for c in children):
                 return None
             summary = _combine(children, f"({where})", self.scanner.inline_max, self.report.problems)
-            self.summaries[addr] = summary
+            self.summaries[visit_key] = summary
             return summary
         self.report.items += len(node.keys)
         for slot, (key, data) in enumerate(zip(node.keys, node.vals)):
@@ -410,7 +421,7 @@ class _Walker:
         if not self.files:
             return None
         summary = self.scanner.scan(node, where, self.report.problems)
-        self.summaries[addr] = summary
+        self.summaries[visit_key] = summary
         return summary
 
 
@@ -432,8 +443,11 @@ def check_volume(volume, check_files: bool = True, check_data: bool = False, pro
         report.subvolumes += 1
         tree = Tree(volume, tree_id, (item.root_addr, item.root_gen, item.root_layer), item.level,
                     item.last_snapshot, name=f"subvolume {tree_id}")
+        if item.flags & ondisk.ROOT_DELETING:
+            walker.walk(tree, drop_key=(item.drop_objectid, item.drop_type, item.drop_offset))
+            continue
         summary = walker.walk(tree, files=True)
-        if summary is not None and check_files and not item.flags & ondisk.ROOT_DELETING:
+        if summary is not None and check_files:
             _check_subvolume_files(volume, tree, summary, walker, report)
     extents = _check_extents(volume, walker, report)
     if check_data:
@@ -495,7 +509,7 @@ def _check_extents(volume, walker: _Walker, report: Report) -> list:
                        ondisk.EXTENT_ITEM)
             continue
         addr, _, length = key
-        where = f"extent {addr}+{length}"
+        where = f"{addr}+{length}"
         if len(data) < EXTENT.size:
             report.add("extent item", where, "too short", len(data), f">= {EXTENT.size}")
             continue
@@ -532,7 +546,7 @@ def _check_extents(volume, walker: _Walker, report: Report) -> list:
                            walker.node_refs[addr], 0)
             wrong = sorted(walker.data_lengths.get(addr, set()) - {length})
             if wrong:
-                report.add("file extent", f"pointing at {where}", "disk length differs from the extent item",
+                report.add("file extent", f"pointing at extent {where}", "disk length differs from the extent item",
                            wrong, length)
         else:
             report.add("extent item", where, "invalid flags", flags, "DATA or TREE_BLOCK")

@@ -115,26 +115,24 @@ def create_overlay(path: str, base_file: str, label: str = "", device=None) -> V
         raise InvalidArgument(f"{path}: an image cannot be its own base")
     base = open_image(base_file, writable=False, cache_bytes=BASE_CACHE_BYTES)
     try:
+        base_live = base.tree(ondisk.FS_TREE_ID)
+        addr, gen, layer = base_live.root_ptr
+        record = LayerRecord(base.uuid, base.generation, _relative_path(path, base_file))
+        item = dataclasses.replace(base_live.root_item, root_addr=addr, root_gen=gen, root_layer=layer + 1,
+                                   level=base_live.level, last_snapshot=0, created_gen=1, flags=0,
+                                   drop_objectid=0, drop_type=0, drop_offset=0, drop_level=0)
         if device is None:
             os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644))
+        # Generation 1 already holds the LAYER_ITEM and the live filesystem's
+        # ROOT_ITEM, so nothing is copied on write before the first change.
         volume = Volume.create(path, nodesize=base.nodesize, label=label.encode(), device=device,
-                               incompat_flags=ondisk.INCOMPAT_LAYERS)
+                               incompat_flags=ondisk.INCOMPAT_LAYERS,
+                               root_items=[(LAYER_KEY, record.encode()),
+                                           ((ondisk.FS_TREE_ID, ondisk.ROOT_ITEM, 0), item.encode())])
     except BaseException:
         base.close()
         raise
     volume.layers = [volume] + base.layers
-    record = LayerRecord(base.uuid, base.generation, _relative_path(path, base_file))
-    volume.root_tree.put(LAYER_KEY, record.encode())
-    base_live = base.tree(ondisk.FS_TREE_ID)
-    addr, gen, layer = base_live.root_ptr
-    tree = Tree(volume, ondisk.FS_TREE_ID, (addr, gen, layer + 1), base_live.level, 0,
-                name=f"subvolume {ondisk.FS_TREE_ID}")
-    tree.root_item = dataclasses.replace(base_live.root_item, last_snapshot=0, created_gen=volume.transid,
-                                         drop_objectid=0, drop_type=0, drop_offset=0, drop_level=0,
-                                         flags=0)
-    tree.changed = True
-    volume.trees[ondisk.FS_TREE_ID] = tree
-    volume.commit()
     return volume
 
 

@@ -27,7 +27,7 @@ from .alloc import DelayedRef, FreeSpace
 from .blockdev import ImageFile, Superblock, read_superblocks, write_superblock
 from .btree import Tree
 from .checksum import crc32c
-from .errors import CorruptionError, NotAnImageError, ReadOnly, UnsupportedFeatureError
+from .errors import CorruptionError, CowtreeError, NotAnImageError, ReadOnly, UnsupportedFeatureError
 from .node import HEADER_SIZE, Node, decode, encode
 
 log = logging.getLogger(__name__)
@@ -155,10 +155,11 @@ class Volume:
 
     @classmethod
     def create(cls, path: str, nodesize: int = ondisk.DEFAULT_NODE_SIZE, size_limit: int = 0,
-               label: bytes = b"", device=None, incompat_flags: int = 0) -> "Volume":
-        """Write a new empty image (root and extent trees only) and open it.
+               label: bytes = b"", device=None, incompat_flags: int = 0, root_items=()) -> "Volume":
+        """Write a new image holding a root tree and an extent tree, and open it.
 
-        The file must exist and be empty or be overwritten by the caller.
+        ``root_items`` are (key, data) pairs the root tree starts with.  The
+        file must exist, and is overwritten.
         """
         dev = device or ImageFile(path, True)
         uuid = uuid_module.uuid4().bytes
@@ -168,7 +169,9 @@ class Volume:
         root_addr = ondisk.FIRST_ALLOC
         extent_addr = root_addr + nodesize
         extent_leaf = Node(extent_addr, 1, 0, ondisk.EXTENT_TREE_ID, [], [])
-        root_leaf = Node(root_addr, 1, 0, ondisk.ROOT_TREE_ID, [], [])
+        root_items = sorted(root_items)
+        root_leaf = Node(root_addr, 1, 0, ondisk.ROOT_TREE_ID, [key for key, _ in root_items],
+                         [bytes(data) for _, data in root_items])
         for addr, owner in ((root_addr, ondisk.ROOT_TREE_ID), (extent_addr, ondisk.EXTENT_TREE_ID)):
             extent_leaf.keys.append((addr, ondisk.EXTENT_ITEM, nodesize))
             extent_leaf.vals.append(EXTENT.pack(1, 1, ondisk.EXTENT_FLAG_TREE_BLOCK, owner))
@@ -668,6 +671,7 @@ class Volume:
         """Drop the running transaction and return to the last commit."""
         self.data_buffer = []
         self.data_buffer_len = 0
+        self._retract_superblock()
         trees = self.trees
         self._load(self.sb)
         # Keep Tree objects that callers hold pointing at the committed state.
@@ -682,6 +686,28 @@ class Volume:
             tree.last_snapshot = fresh_tree.last_snapshot
             tree.changed = False
             self.trees[tree_id] = tree
+
+    def _retract_superblock(self) -> None:
+        """Overwrite the superblock copy that a stopped commit of the running transaction wrote.
+
+        That copy may still reach the disk, and the transaction after the
+        abort reuses the blocks it points to.  It is replaced by the last
+        commit's superblock and flushed, so both copies name the last commit.
+        """
+        if not self.writable:
+            return
+        index = self.transid % len(ondisk.SUPERBLOCK_OFFSETS)
+        offset = ondisk.SUPERBLOCK_OFFSETS[index]
+        try:
+            written = Superblock.decode(self.dev.pread(offset, ondisk.BLOCK_SIZE), index)
+        except CowtreeError:
+            return
+        if written.generation != self.transid:
+            return
+        self.dev.pwrite(offset, self.sb.encode())
+        self.dev.flush()
+        log.warning("%s: aborted a commit whose superblock (generation %d) was written; copy %d now holds "
+                    "generation %d again", self.path, self.transid, index, self.sb.generation)
 
     def _scan_extents(self, lo: int, hi: int):
         """Yield (address, length) of the extents that overlap [lo, hi), in address order."""

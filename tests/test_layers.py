@@ -1,0 +1,267 @@
+"""Overlay images on read-only bases, chains of them, convert, commit and rebase."""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+
+import pytest
+
+from cowtree import layers, ondisk
+from cowtree.check import check_volume
+from cowtree.errors import NotFound
+from cowtree.image import live, mkfs, open_image
+
+from treeutil import import_tree, read_all, snapshot_tree, stdlib_dir
+
+ROOT = ondisk.ROOT_DIR_INO
+
+
+def sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@pytest.fixture
+def base_image(tmp_path):
+    """A base image holding part of the standard library, closed; returns (path, tree snapshot)."""
+    path = str(tmp_path / "base.img")
+    volume = mkfs(path)
+    fs = live(volume)
+    import_tree(fs, os.path.join(stdlib_dir(), "json"), fs.mkdir(ROOT, b"json").ino)
+    import_tree(fs, os.path.join(stdlib_dir(), "email"), fs.mkdir(ROOT, b"email").ino)
+    big = fs.mknod(ROOT, b"blocks.bin", 0o100644)
+    fs.write(big.ino, 0, bytes(range(256)) * 64)   # 16 KiB: four full blocks
+    volume.commit()
+    content = snapshot_tree(fs)
+    volume.close()
+    return path, content
+
+
+def overlay(tmp_path, base: str, name: str = "top.img"):
+    path = str(tmp_path / name)
+    mkfs(path, base=base).close()
+    return path
+
+
+def test_overlay_starts_small_and_matches_base(tmp_path, base_image):
+    base, content = base_image
+    digest = sha256(base)
+    top = overlay(tmp_path, base)
+    assert os.path.getsize(top) <= 64 << 10
+    volume = open_image(top, writable=True)
+    fs = live(volume)
+    assert snapshot_tree(fs) == content
+    before = os.path.getsize(top)
+    ino = fs.resolve(b"/json/decoder.py")
+    fs.write(ino, 0, b"# changed\n")
+    volume.commit()
+    depth = volume.tree(ondisk.FS_TREE_ID).level + 1
+    grown = os.path.getsize(top) - before
+    # One path of the filesystem tree copied up, the new data, and the
+    # paths of the overlay's own root and extent trees.
+    assert grown <= (depth + 6) * volume.nodesize + 8192
+    assert not check_volume(volume).problems
+    volume.close()
+    assert sha256(base) == digest
+
+
+def test_base_data_never_shows_through(tmp_path, base_image):
+    base, content = base_image
+    digest = sha256(base)
+    volume = open_image(overlay(tmp_path, base), writable=True)
+    fs = live(volume)
+    fs.unlink(fs.resolve(b"/json"), b"encoder.py")
+    scanner = fs.resolve(b"/json/scanner.py")
+    fs.truncate(scanner, 10)
+    fs.truncate(scanner, 5000)
+    decoder = fs.resolve(b"/json/decoder.py")
+    size = fs.get_inode(decoder).size
+    fs.write(decoder, 0, b"x" * size)
+    blocks = fs.resolve(b"/blocks.bin")
+    fs.write(blocks, 4100, b"PARTIAL")
+    email = fs.resolve(b"/email")
+    for _, name, child, _ in list(fs.readdir(email)):
+        if fs.get_inode(child).is_dir:
+            continue
+        fs.unlink(email, name)
+    volume.commit()
+    volume.close()
+
+    volume = open_image(str(tmp_path / "top.img"))
+    fs = live(volume)
+    with pytest.raises(NotFound):
+        fs.resolve(b"/json/encoder.py")
+    scanner_data = read_all(fs, fs.resolve(b"/json/scanner.py"))
+    assert scanner_data == content[b"/json/scanner.py"][1][:10] + bytes(4990)
+    assert read_all(fs, fs.resolve(b"/json/decoder.py")) == b"x" * size
+    original = bytes(range(256)) * 64
+    expected = original[:4100] + b"PARTIAL" + original[4107:]
+    assert read_all(fs, fs.resolve(b"/blocks.bin")) == expected
+    volume.close()
+    assert sha256(base) == digest
+
+
+def test_recreated_directory_is_empty(tmp_path, base_image):
+    base, _ = base_image
+    volume = open_image(overlay(tmp_path, base), writable=True)
+    fs = live(volume)
+    json_dir = fs.resolve(b"/json")
+    for _, name, child, _ in list(fs.readdir(json_dir)):
+        if fs.get_inode(child).is_dir:
+            sub = child
+            for _, inner, _, _ in list(fs.readdir(sub)):
+                fs.unlink(sub, inner)
+            fs.rmdir(json_dir, name)
+        else:
+            fs.unlink(json_dir, name)
+    fs.rmdir(ROOT, b"json")
+    fs.mkdir(ROOT, b"json")
+    volume.commit()
+    assert list(fs.readdir(fs.resolve(b"/json"))) == []
+    assert not check_volume(volume).problems
+    volume.close()
+
+
+def _change_in_child(path: str, name: bytes, queue) -> None:
+    try:
+        volume = open_image(path, writable=True)
+        fs = live(volume)
+        fs.write(fs.resolve(b"/json/__init__.py"), 0, name)
+        fs.mknod(ROOT, name, 0o100644)
+        volume.commit()
+        volume.close()
+        queue.put(None)
+    except BaseException as exc:  # the parent reports it
+        queue.put(repr(exc))
+
+
+def test_two_overlays_share_one_base(tmp_path, base_image):
+    base, content = base_image
+    digest = sha256(base)
+    first = overlay(tmp_path, base, "first.img")
+    second = overlay(tmp_path, base, "second.img")
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    workers = [context.Process(target=_change_in_child, args=(path, name, queue))
+               for path, name in ((first, b"FIRST"), (second, b"SECOND"))]
+    for worker in workers:
+        worker.start()
+    results = [queue.get(timeout=120) for _ in workers]
+    for worker in workers:
+        worker.join(timeout=60)
+    assert results == [None, None]
+    for path, mine, other in ((first, b"FIRST", b"SECOND"), (second, b"SECOND", b"FIRST")):
+        volume = open_image(path)
+        fs = live(volume)
+        assert fs.read(fs.resolve(b"/json/__init__.py"), 0, len(mine)) == mine
+        fs.resolve(b"/" + mine)
+        with pytest.raises(NotFound):
+            fs.resolve(b"/" + other)
+        volume.close()
+    assert sha256(base) == digest
+
+
+def test_chain_of_sixteen(tmp_path, base_image, rng):
+    base, content = base_image
+    model = {path: data for path, (mode, data) in content.items() if data is not None}
+    files = sorted(path for path, (mode, data) in content.items()
+                   if data is not None and not (mode & 0o170000) == 0o120000)
+    previous = base
+    for level in range(16):
+        path = overlay(tmp_path, previous, f"layer{level:02d}.img")
+        volume = open_image(path, writable=True)
+        fs = live(volume)
+        for _ in range(3):
+            name = rng.choice(files)
+            stamp = b"level %d " % level
+            offset = rng.randrange(0, 6000)
+            fs.write(fs.resolve(name), offset, stamp)
+            old = model[name]
+            model[name] = old[:offset].ljust(offset, b"\0") + stamp + old[offset + len(stamp):]
+        victim = files.pop(rng.randrange(len(files)))
+        parent, _, leaf = victim.rpartition(b"/")
+        fs.unlink(fs.resolve(parent or b"/"), leaf)
+        del model[victim]
+        volume.commit()
+        volume.close()
+        previous = path
+    top = open_image(previous)
+    assert len(top.layers) == 17
+    fs = live(top)
+    for name in files:
+        assert read_all(fs, fs.resolve(name)) == model[name], name
+    converted = layers.convert(top, str(tmp_path / "standalone.img"))
+    assert len(converted.layers) == 1
+    conv_fs = live(converted)
+    assert snapshot_tree(conv_fs) == snapshot_tree(fs)
+    assert not check_volume(converted).problems
+    converted.close()
+    top.close()
+    standalone = open_image(str(tmp_path / "standalone.img"))
+    assert layers.layer_record(standalone) is None
+    standalone.close()
+    expected = None
+    top = open_image(previous)
+    expected = snapshot_tree(live(top))
+    top.close()
+    base_file, _ = layers.commit_to_base(previous)
+    merged = open_image(base_file)
+    assert snapshot_tree(live(merged)) == expected
+    assert not check_volume(merged).problems
+    merged.close()
+    again = open_image(previous)
+    assert snapshot_tree(live(again)) == expected
+    again.close()
+
+
+def test_changed_base_is_refused(tmp_path, base_image):
+    base, _ = base_image
+    top = overlay(tmp_path, base)
+    volume = open_image(base, writable=True)
+    live(volume).mknod(ROOT, b"late", 0o100644)
+    volume.commit()
+    volume.close()
+    with pytest.raises(layers.BaseImageError, match="has changed since the overlay was made"):
+        open_image(top)
+
+
+def test_missing_base_names_expected_path(tmp_path, base_image):
+    base, _ = base_image
+    top = overlay(tmp_path, base)
+    moved = str(tmp_path / "moved.img")
+    os.rename(base, moved)
+    with pytest.raises(layers.BaseImageError, match="base.img' not found"):
+        open_image(top)
+    volume = open_image(top, writable=True, base=moved)
+    volume.commit()
+    volume.close()
+    volume = open_image(top)
+    assert layers.base_path(volume, layers.layer_record(volume)) == moved
+    volume.close()
+
+
+def test_rebase_onto_copy(tmp_path, base_image):
+    base, _ = base_image
+    top = overlay(tmp_path, base)
+    volume = open_image(top, writable=True)
+    fs = live(volume)
+    fs.write(fs.resolve(b"/json/tool.py"), 0, b"rebased change")
+    volume.commit()
+    expected = snapshot_tree(fs)
+    volume.close()
+    copy = str(tmp_path / "copy.img")
+    source = open_image(base)
+    layers.convert(source, copy).close()
+    source.close()
+    changed = layers.rebase(top, copy)
+    assert 0 < changed < 20
+    volume = open_image(top)
+    assert layers.base_path(volume, layers.layer_record(volume)) == copy
+    assert snapshot_tree(live(volume)) == expected
+    assert not check_volume(volume).problems
+    volume.close()
