@@ -342,3 +342,72 @@ def test_commit_crash_point_then_abort(tmp_path, rng, step):
         assert_matches(live(volume), expected, "reopened after the retried commit")
     finally:
         volume.close()
+
+
+def test_abort_after_superblock_written_then_power_loss(tmp_path, rng):
+    """A commit stopped after writing its superblock, then aborted: no later write may damage that superblock's tree.
+
+    The superblock of the stopped commit is already in the file, so after a
+    power loss the image may open at it.  The transaction that follows the
+    abort must therefore not reuse the blocks that superblock points to.
+    Every prefix of the write stream must open at a whole generation: the
+    one before, the stopped commit's, or the one committed after the abort.
+    """
+    path = str(tmp_path / "stopped.img")
+    volume = mkfs(path, nodesize=4096)
+    fs = live(volume)
+    driver = Driver(fs, FsModel(fs.get_inode(ROOT).mode & 0o7777))
+    for _ in range(30):
+        random_operation(driver, rng)
+    volume.commit()
+    before = driver.model.copy()
+    volume.close()
+    with open(path, "rb") as image:
+        start = image.read()
+
+    device = RecordingDevice(ImageFile(path, True))
+    volume = Volume.open(path, writable=True, device=device)
+    driver = Driver(live(volume), before.copy())
+    for _ in range(30):
+        random_operation(driver, rng)
+    stopped = driver.model.copy()
+    volume.crash_hook = stop_at("before-superblock-flush")
+    with pytest.raises(CrashPoint):
+        volume.commit()
+    volume.crash_hook = None
+    stopped_pieces = len(split_pieces(device.log))
+    volume.abort()
+    aborted_pieces = len(split_pieces(device.log))
+
+    driver.model = before.copy()
+    for _ in range(30):
+        random_operation(driver, rng)
+    volume.commit()
+    after = driver.model.copy()
+    volume.close()
+
+    pieces = split_pieces(device.log)
+    replay = str(tmp_path / "replay.img")
+    image = bytearray(start)
+    expected = before
+    for index, piece in enumerate(pieces):
+        if piece[0] != "write":
+            continue
+        apply_write(image, piece[1], piece[2])
+        if piece[1] in ondisk.SUPERBLOCK_OFFSETS:
+            # The stopped commit's superblock, one that abort wrote, or the next commit's.
+            if index < stopped_pieces:
+                expected = stopped
+            elif index < aborted_pieces:
+                expected = before
+            else:
+                expected = after
+        with open(replay, "wb") as out:
+            out.write(image)
+        opened = open_image(replay)
+        try:
+            report = check_volume(opened)
+            assert report.problems == [], f"after piece {index}:\n" + "\n".join(map(str, report.problems))
+            assert_matches(live(opened), expected, f"after piece {index} of {len(pieces)}")
+        finally:
+            opened.close()

@@ -1,0 +1,172 @@
+"""Space accounting: a full image, space reuse across commits, and freeing everything."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+
+from cowtree import ondisk
+from cowtree.check import check_volume
+from cowtree.errors import NoSpaceError
+from cowtree.image import live, open_image
+
+from fsmodel import ROOT, Driver, FsModel, assert_matches
+
+
+def assert_clean(volume) -> None:
+    report = check_volume(volume)
+    assert report.problems == [], "\n".join(map(str, report.problems))
+
+
+def size_limit_for(nodesize: int) -> int:
+    """Return a size limit with about 2 MiB usable above the space kept back for deletions.
+
+    mkfs accepts FIRST_ALLOC + 64 nodes + 1 MiB at the least, and the volume
+    keeps max(1 MiB, 64 nodes) of the limit for deletions, which would leave
+    room for only a few files.
+    """
+    return ondisk.FIRST_ALLOC + 64 * nodesize + (1 << 20) + (2 << 20)
+
+
+@pytest.mark.parametrize("nodesize", [4096, 16384])
+def test_full_image_raises_enospc(make_image, nodesize):
+    """Filling a size-limited image raises NoSpaceError; abort keeps the last commit and deletes still work."""
+    size_limit = size_limit_for(nodesize)
+    path, volume, fs = make_image(nodesize=nodesize, size_limit=size_limit)
+    driver = Driver(fs, FsModel(fs.get_inode(ROOT).mode & 0o7777))
+    committed = driver.model.copy()
+
+    with pytest.raises(NoSpaceError) as caught:
+        for index in range(1000):
+            inode = driver.create(ROOT, b"fill%04d" % index)
+            driver.write(inode.ino, 0, bytes([index % 251 + 1]) * 40000)
+            if index % 3 == 2:
+                volume.commit()
+                committed = driver.model.copy()
+    error = caught.value
+    assert isinstance(error, OSError)
+    assert error.errno == errno.ENOSPC
+    assert "No space left" in str(error)
+    assert len(committed.files()) >= 30, "about 2 MiB must be usable before the image is full"
+
+    volume.abort()
+    assert_matches(fs, committed, "after abort of the transaction that ran out of space")
+    assert_clean(volume)
+    assert os.path.getsize(path) <= size_limit
+
+    # Deleting files must work on a full image: it needs new nodes too.
+    driver.model = committed.copy()
+    for name in sorted(committed.entries[ROOT])[: len(committed.entries[ROOT]) // 2]:
+        driver.unlink(ROOT, name)
+    volume.commit()
+    assert_clean(volume)
+    assert_matches(fs, driver.model, "after deleting half of the files")
+
+    # The space freed is usable again.
+    inode = driver.create(ROOT, b"after")
+    driver.write(inode.ino, 0, b"y" * 40000)
+    volume.commit()
+    assert_clean(volume)
+    assert os.path.getsize(path) <= size_limit
+
+    volume.close()
+    reopened = open_image(path)
+    try:
+        assert_matches(live(reopened), driver.model, "reopened")
+    finally:
+        reopened.close()
+
+
+def test_full_image_of_metadata_then_abort(make_image):
+    """Running out of space for nodes alone (no file data) leaves the last commit intact.
+
+    The error comes from a tree operation or from the commit itself, which
+    copies extent tree nodes; the test records which and accepts both.
+    """
+    nodesize = 4096
+    size_limit = size_limit_for(nodesize)
+    path, volume, fs = make_image(nodesize=nodesize, size_limit=size_limit)
+    driver = Driver(fs, FsModel(fs.get_inode(ROOT).mode & 0o7777))
+    committed = driver.model.copy()
+    in_commit = None
+    for index in range(5000):
+        try:
+            inode = driver.create(ROOT, b"small%05d" % index)
+            driver.setxattr(inode.ino, b"user.pad", bytes(700))
+        except NoSpaceError:
+            in_commit = False
+            break
+        if index % 100 == 99:
+            try:
+                volume.commit()
+            except NoSpaceError:
+                in_commit = True
+                break
+            committed = driver.model.copy()
+    assert in_commit is not None, "5000 files with metadata only never filled the image"
+
+    volume.abort()
+    assert_matches(fs, committed, f"after abort (out of space inside commit: {in_commit})")
+    assert_clean(volume)
+    driver.model = committed.copy()
+    driver.unlink(ROOT, sorted(committed.entries[ROOT])[0])
+    volume.commit()
+    assert_clean(volume)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nodesize", [4096, 16384])
+def test_rewrite_one_block_keeps_image_small(make_image, nodesize):
+    """Rewriting one 4 KiB file 2,000 times, committing each time, reuses the freed blocks."""
+    path, volume, fs = make_image(nodesize=nodesize)
+    inode = fs.mknod(ROOT, b"hot", 0o100644)
+    for round_index in range(2000):
+        fs.write(inode.ino, 0, bytes([round_index % 256]) * ondisk.BLOCK_SIZE)
+        volume.commit()
+    assert fs.read(inode.ino, 0, ondisk.BLOCK_SIZE) == bytes([1999 % 256]) * ondisk.BLOCK_SIZE
+    # A commit rewrites about three nodes and one data block, and the blocks it
+    # frees are reused one commit later.  So a handful of nodes is the steady
+    # state, and sixteen leave room for a tree to grow a level.
+    bound = ondisk.FIRST_ALLOC + 16 * nodesize
+    assert os.path.getsize(path) <= bound
+    assert volume.free.high_water <= bound
+    assert_clean(volume)
+
+
+def remove_tree(fs, directory: int) -> None:
+    """Remove everything below directory, like rm -r."""
+    for _, name, ino, dtype in list(fs.readdir(directory)):
+        if dtype == ondisk.DT_DIR:
+            remove_tree(fs, ino)
+            fs.rmdir(directory, name)
+        else:
+            fs.unlink(directory, name)
+
+
+@pytest.mark.parametrize("nodesize", [4096, 16384])
+def test_remove_everything_returns_space(make_image, nodesize):
+    path, volume, fs = make_image(nodesize=nodesize)
+    fresh_bytes_used = volume.bytes_used
+    for top in range(5):
+        directory = fs.mkdir(ROOT, b"dir%d" % top)
+        for sub in range(4):
+            child = fs.mkdir(directory.ino, b"sub%d" % sub)
+            for index in range(15):
+                inode = fs.mknod(child.ino, b"file%02d" % index, 0o100644)
+                fs.write(inode.ino, 0, bytes([index]) * (index * 1500))
+                fs.setxattr(inode.ino, b"user.n", b"%d" % index)
+                if index % 4 == 0:
+                    fs.link(inode.ino, directory.ino, b"link%d-%02d" % (sub, index))
+    volume.commit()
+    assert volume.bytes_used > fresh_bytes_used + 100 * ondisk.BLOCK_SIZE
+    assert fs.tree.level >= 1
+
+    remove_tree(fs, ROOT)
+    volume.commit()
+    assert_clean(volume)
+    assert list(fs.readdir(ROOT)) == []
+    # A tree that does not collapse fully keeps a few nodes more than a fresh
+    # image, so three nodes are allowed.
+    assert volume.bytes_used <= fresh_bytes_used + 3 * nodesize
