@@ -63,8 +63,11 @@ def _out():
 @click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG)
 @click.option("-v", "--verbose", is_flag=True, help="Report commits and copy totals on stderr.")
 @click.option("--debug", is_flag=True, help="Log debug messages and print a traceback on errors.")
+@click.option("--base", "base_override", type=click.Path(dir_okay=False), metavar="BASE",
+              help="The base image file of the overlay this command opens, when it has moved; "
+                   "a command that changes the overlay records the new place.")
 @click.version_option(__version__, prog_name="cowtree")
-def cli(verbose: bool, debug: bool) -> None:
+def cli(verbose: bool, debug: bool, base_override: str | None) -> None:
     """Work with cowtree images: copy-on-write B-tree filesystems held in one file.
 
     A path inside an image is written IMAGE:/path, and a path inside a
@@ -73,6 +76,8 @@ def cli(verbose: bool, debug: bool) -> None:
     """
     global _debug
     _debug = debug
+    if base_override is not None:
+        os.environ["COWTREE_BASE"] = base_override
     level = logging.WARNING
     if verbose:
         level = logging.INFO
@@ -90,14 +95,17 @@ def cli(verbose: bool, debug: bool) -> None:
               help="B-tree node size in bytes: a power of two from 4K to 64K.")
 @click.option("--label", default="", help="Label stored in the superblock, at most 64 bytes.")
 @click.option("--force", is_flag=True, help="Overwrite an existing non-empty file.")
-def mkfs(image: str, size: int, node_size: int, label: str, force: bool) -> None:
-    """Create an empty image file IMAGE."""
+@click.option("--base", type=click.Path(dir_okay=False, exists=True), metavar="BASE",
+              help="Make IMAGE an overlay on the read-only image BASE: it starts with BASE's content "
+                   "and records only changes.")
+def mkfs(image: str, size: int, node_size: int, label: str, force: bool, base: str | None) -> None:
+    """Create an empty image file IMAGE, or an overlay on a base image."""
     from . import commands
     from .operands import CommandError
     if not force and os.path.isfile(image) and os.path.getsize(image) > 0:
         raise CommandError(None, image, message=f"{image}: file exists and is not empty; use --force to overwrite it")
     try:
-        result = commands.mkfs(image, size, node_size, label, force)
+        result = commands.mkfs(image, size, node_size, label, force, base)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
     log.info("created %s: uuid %s, node size %d, size limit %s", image, result["uuid"], result["node_size"],
@@ -236,11 +244,57 @@ def df(as_json: bool, images: tuple) -> None:
 
 @cli.command(epilog=EPILOG)
 @click.option("--json", "as_json", is_flag=True, help="Print the same fields as JSON.")
+@click.option("--chain", is_flag=True, help="List the image and its base images, top first.")
 @click.argument("images", nargs=-1, required=True, metavar="IMAGE...")
-def info(as_json: bool, images: tuple) -> None:
+def info(as_json: bool, chain: bool, images: tuple) -> None:
     """Show the superblock in use, both superblock copies and the root of every tree."""
     from . import commands
-    commands.info(list(images), as_json, _out())
+    commands.info(list(images), as_json, _out(), chain)
+
+
+MOUNT_OPTIONS = ("ro", "rw", "allow_other")
+
+
+@cli.command(epilog=EPILOG)
+@click.argument("image", metavar="IMAGE[@SNAPSHOT]")
+@click.argument("mountpoint", type=click.Path(file_okay=False))
+@click.option("-o", "options", multiple=True, metavar="OPTION[,OPTION...]",
+              help="Mount options: ro (read-only), rw, allow_other (let other users in).")
+@click.option("-f", "--foreground", is_flag=True, help="Stay in the foreground and log to stderr until unmounted.")
+@click.option("--commit-interval", type=click.FloatRange(min=0, min_open=True), default=5.0, show_default=True,
+              metavar="SECONDS", help="Seconds between commits of the running transaction.")
+def mount(image: str, mountpoint: str, options: tuple, foreground: bool, commit_interval: float) -> None:
+    """Mount IMAGE (or its snapshot NAME, read-only) at MOUNTPOINT through FUSE.
+
+    Without --foreground the command returns once the mount works, and a
+    background process serves it until `cowtree umount MOUNTPOINT`.  Changes
+    are committed every --commit-interval seconds, on fsync and at unmount.
+    Snapshots appear read-only under MOUNTPOINT/.snapshots/NAME.
+    """
+    readonly = False
+    allow_other = False
+    for word in (word for option in options for word in option.split(",") if word):
+        if word not in MOUNT_OPTIONS:
+            raise click.BadParameter(f"unknown mount option '{word}': expected one of {', '.join(MOUNT_OPTIONS)}",
+                                     param_hint="-o")
+        if word == "allow_other":
+            allow_other = True
+        else:
+            readonly = word == "ro"   # the last of ro and rw wins, as with mount(8)
+    from .fuse import MountOptions, split_image_spec
+    from .fuse import mount as fuse_mount
+    path, snapshot = split_image_spec(image)
+    fuse_mount(MountOptions(path, mountpoint, snapshot, readonly=readonly, allow_other=allow_other,
+                            commit_interval=commit_interval), foreground=foreground)
+
+
+@cli.command(epilog=EPILOG)
+@click.argument("mountpoint", type=click.Path(file_okay=False))
+@click.option("-z", "--lazy", is_flag=True, help="Detach now and finish the unmount once the mount is no longer busy.")
+def umount(mountpoint: str, lazy: bool) -> None:
+    """Unmount a cowtree FUSE mount (with fusermount3 -u); the mount commits before it exits."""
+    from .fuse import umount as fuse_umount
+    fuse_umount(mountpoint, lazy)
 
 
 # ---------------------------------------------------------------------------
@@ -312,3 +366,11 @@ def main(argv: list[str] | None = None) -> int:
         warn(message)
         return status
     return status if isinstance(status, int) else EXIT_OK
+
+
+def _register_more_commands() -> None:
+    from .cli_volumes import register
+    register(cli)
+
+
+_register_more_commands()

@@ -48,9 +48,9 @@ def _write_json(out, value) -> None:
 # mkfs, df, info
 
 
-def mkfs(image: str, size: int, node_size: int, label: str, force: bool) -> dict:
+def mkfs(image: str, size: int, node_size: int, label: str, force: bool, base: str | None = None) -> dict:
     from . import image as image_module
-    volume = image_module.mkfs(image, size_limit=size, nodesize=node_size, label=label, force=force)
+    volume = image_module.mkfs(image, size_limit=size, nodesize=node_size, label=label, force=force, base=base)
     try:
         return listing.info_object(image, volume)
     finally:
@@ -70,7 +70,7 @@ def df(images: list[str], as_json: bool, out) -> None:
     out.write("\n".join(listing.space_text(obj) for obj in results).encode())
 
 
-def info(images: list[str], as_json: bool, out) -> None:
+def info(images: list[str], as_json: bool, out, chain: bool = False) -> None:
     results = []
     with Session() as session:
         for text in images:
@@ -79,7 +79,8 @@ def info(images: list[str], as_json: bool, out) -> None:
     if as_json:
         _write_json(out, results if len(results) > 1 else results[0])
         return
-    out.write("\n".join(listing.info_text(obj) for obj in results).encode())
+    render = listing.chain_text if chain else listing.info_text
+    out.write("\n".join(render(obj) for obj in results).encode())
 
 
 # ---------------------------------------------------------------------------

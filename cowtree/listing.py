@@ -207,6 +207,7 @@ def space_object(path: str, volume, host_free: int | None) -> dict:
         "free_bytes": free,
         "free_inside_bytes": inside,
         "reserve_bytes": volume.reserve,
+        "base_bytes": sum(base.sb.bytes_used for base in volume.layers[1:]),
     }
 
 
@@ -223,6 +224,8 @@ def space_text(obj: dict) -> str:
         f"use: {percent}%",
         f"image file: {human_size(obj['file_bytes'])}",
     ]
+    if obj.get("base_bytes"):
+        lines.append(f"read from base images: {human_size(obj['base_bytes'])}")
     return "\n".join(lines) + "\n"
 
 
@@ -247,6 +250,7 @@ def info_object(path: str, volume) -> dict:
         tree = volume.tree(tree_id)
         item = tree.root_item
         trees.append({"name": f"subvolume {tree_id}", "id": tree_id, "root": item.root_addr,
+                      "root_layer": item.root_layer,
                       "generation": item.root_gen, "level": item.level, "next_ino": item.next_ino,
                       "last_snapshot": item.last_snapshot, "flags": item.flags})
     return {
@@ -269,6 +273,9 @@ def info_object(path: str, volume) -> dict:
         "ro_compat_flags": sb.ro_compat_flags,
         "incompat_flags": sb.incompat_flags,
         "trees": trees,
+        "chain": [{"depth": depth, "image": layer.path, "uuid": str(uuid_module.UUID(bytes=bytes(layer.uuid))),
+                   "generation": layer.generation, "image_bytes": layer.sb.image_bytes,
+                   "bytes_used": layer.sb.bytes_used} for depth, layer in enumerate(volume.layers)],
     }
 
 
@@ -298,7 +305,19 @@ def info_text(obj: dict) -> str:
     ]
     for tree in obj["trees"]:
         text = f"{tree['name']}: root block {tree['root']}, generation {tree['generation']}, level {tree['level']}"
+        if tree.get("root_layer"):
+            text += f" in base layer {tree['root_layer']}"
         if "next_ino" in tree:
             text += f", next inode {tree['next_ino']}, last snapshot generation {tree['last_snapshot']}"
         lines.append(text)
+    return "\n".join(lines) + "\n"
+
+
+def chain_text(obj: dict) -> str:
+    """Return the chain of base images below an image, one line each, top first."""
+    lines = []
+    for layer in obj["chain"]:
+        lines.append(f"layer {layer['depth']}: {layer['image']} uuid {layer['uuid']} generation "
+                     f"{layer['generation']} image bytes {layer['image_bytes']} used {layer['bytes_used']} "
+                     f"({human_size(layer['bytes_used'])})")
     return "\n".join(lines) + "\n"

@@ -60,7 +60,7 @@ class Session:
                 raise RuntimeError(f"{image} was opened read-only before a writer asked for it")
             return opened
         try:
-            volume = image_module.open_image(image, writable=writable)
+            volume = image_module.open_image(image, writable=writable, base=os.environ.get("COWTREE_BASE") or None)
         except CorruptionError as exc:
             raise CommandError(None, image, exc) from exc
         except OSError as exc:

@@ -1,0 +1,258 @@
+"""Commands for subvolumes and layers: snapshot, du, commit, rebase, convert.
+
+Like :mod:`cowtree.cli`, this module imports only click at start-up; each
+command imports the engine when it runs.  :func:`register` adds the
+commands to the main group.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+import click
+
+log = logging.getLogger("cowtree")
+
+
+def _out():
+    return sys.stdout.buffer
+
+
+def _write_json(value) -> None:
+    _out().write(json.dumps(value, indent=2).encode() + b"\n")
+
+
+def _name(text: str) -> bytes:
+    import os
+    return os.fsencode(text)
+
+
+def _when(ns: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ns / 1e9))
+
+
+@click.group()
+def snapshot() -> None:
+    """Create, list, delete and roll back to snapshots of an image's live filesystem.
+
+    A snapshot is read-only unless made with --writable (a clone).  Its
+    files are reached as IMAGE@NAME:/path in every command that takes a path.
+    """
+
+
+@snapshot.command("create")
+@click.option("--from", "source", metavar="SNAPSHOT", help="Snapshot this snapshot instead of the live filesystem.")
+@click.option("--writable", is_flag=True, help="Make a writable clone instead of a read-only snapshot.")
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.argument("name")
+def snapshot_create(source: str | None, writable: bool, image: str, name: str) -> None:
+    """Snapshot the live filesystem of IMAGE as NAME; it costs the same whatever the tree's size."""
+    from . import subvolume
+    from .operands import CommandError
+    from .session import Session
+    with Session() as session:
+        volume = session.open(image, writable=True).volume
+        try:
+            sub = subvolume.create_snapshot(volume, _name(name), _name(source) if source else None, writable)
+        except OSError as exc:
+            raise CommandError("cannot create snapshot", f"{image}@{name}", exc) from exc
+        log.info("created %s '%s' (id %d, generation %d)", "clone" if writable else "snapshot", name,
+                 sub.tree_id, sub.item.created_gen)
+
+
+@snapshot.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of objects with the same fields.")
+@click.option("--no-usage", is_flag=True, help="Skip the exclusive and shared byte counts (faster).")
+@click.argument("image", type=click.Path(dir_okay=False))
+def snapshot_list(as_json: bool, no_usage: bool, image: str) -> None:
+    """List the snapshots of IMAGE with their space use.
+
+    EXCLUSIVE bytes are freed by deleting that snapshot alone; SHARED bytes
+    are also used by another snapshot or the live filesystem.
+    """
+    from . import subvolume
+    from .session import Session
+    with Session() as session:
+        volume = session.open(image, writable=False).volume
+        counter = subvolume.UsageCounter(volume)
+        rows = []
+        for sub in subvolume.list_subvolumes(volume, include_deleting=True):
+            if sub.tree_id == subvolume.LIVE:
+                continue
+            usage = None if no_usage or sub.deleting else counter.subvolume(sub.tree_id)
+            rows.append({
+                "name": sub.display_name if not sub.deleting else None,
+                "id": sub.tree_id,
+                "parent": sub.item.parent_id,
+                "created_ns": sub.item.created_ns,
+                "generation": sub.item.created_gen,
+                "readonly": sub.readonly,
+                "deleting": sub.deleting,
+                "exclusive_bytes": usage.exclusive if usage else None,
+                "shared_bytes": usage.shared if usage else None,
+            })
+    if as_json:
+        _write_json(rows)
+        return
+    out = _out()
+    out.write(b"NAME                 ID   PARENT GEN      CREATED              RO  EXCLUSIVE     SHARED\n")
+    for row in rows:
+        name = row["name"] if row["name"] is not None else "(deleting)"
+        exclusive = "-" if row["exclusive_bytes"] is None else str(row["exclusive_bytes"])
+        shared = "-" if row["shared_bytes"] is None else str(row["shared_bytes"])
+        line = (f"{name:<20} {row['id']:<4} {row['parent']:<6} {row['generation']:<8} "
+                f"{_when(row['created_ns'])}  {'yes' if row['readonly'] else 'no':<3} {exclusive:>9} {shared:>10}\n")
+        out.write(line.encode("utf-8", "surrogateescape"))
+
+
+@snapshot.command("delete")
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.argument("names", nargs=-1, required=True)
+def snapshot_delete(image: str, names: tuple) -> None:
+    """Delete snapshots, freeing the space no other snapshot uses.
+
+    A large deletion is committed in steps and resumes after a crash the next
+    time the image is changed.
+    """
+    from . import subvolume
+    from .operands import CommandError
+    from .session import Session
+    show = sys.stderr.isatty()
+
+    def progress(nodes: int, done: bool) -> None:
+        if show:
+            sys.stderr.write(f"\rcowtree: freed {nodes} nodes{' (done)' if done else ''}   ")
+            if done:
+                sys.stderr.write("\n")
+
+    with Session() as session:
+        volume = session.open(image, writable=True).volume
+        for name in names:
+            try:
+                subvolume.delete_subvolume(volume, _name(name), progress)
+            except OSError as exc:
+                raise CommandError("cannot delete snapshot", f"{image}@{name}", exc) from exc
+
+
+@snapshot.command("rollback")
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.argument("name")
+def snapshot_rollback(image: str, name: str) -> None:
+    """Make the live filesystem of IMAGE hold what snapshot NAME holds.
+
+    Changes to the live filesystem since then are discarded.
+    """
+    from . import subvolume
+    from .operands import CommandError
+    from .session import Session
+    with Session() as session:
+        volume = session.open(image, writable=True).volume
+        try:
+            subvolume.rollback(volume, _name(name))
+        except OSError as exc:
+            raise CommandError("cannot roll back to", f"{image}@{name}", exc) from exc
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON with total_bytes, exclusive_bytes, shared_bytes.")
+@click.argument("operands", nargs=-1, required=True, metavar="IMAGE[@NAME][:/PATH]...")
+def du(as_json: bool, operands: tuple) -> None:
+    """Show the file data a subvolume or path references: in total, alone, and shared.
+
+    Like btrfs filesystem du: SHARED bytes are also referenced by a snapshot,
+    a clone or a reflink copy; EXCLUSIVE bytes by nothing else.
+    """
+    from . import subvolume
+    from .operands import CommandError, parse_image_operand
+    from .session import Session
+    rows = []
+    with Session() as session:
+        counters = {}
+        for text in operands:
+            location = parse_image_operand(text)
+            fs = session.filesystem(location)
+            counter = counters.setdefault(location.image, subvolume.UsageCounter(fs.vol))
+            try:
+                ino = fs.resolve(location.path)
+                usage = counter.path(fs, ino)
+            except OSError as exc:
+                raise CommandError("cannot access", text, exc) from exc
+            rows.append({"path": str(location), "total_bytes": usage.total, "exclusive_bytes": usage.exclusive,
+                         "shared_bytes": usage.shared})
+    if as_json:
+        _write_json(rows)
+        return
+    out = _out()
+    out.write(b"     TOTAL  EXCLUSIVE     SHARED  PATH\n")
+    for row in rows:
+        out.write(f"{row['total_bytes']:>10} {row['exclusive_bytes']:>10} {row['shared_bytes']:>10}  {row['path']}\n"
+                  .encode("utf-8", "surrogateescape"))
+
+
+@click.command("commit")
+@click.argument("overlay", type=click.Path(dir_okay=False))
+def commit_overlay(overlay: str) -> None:
+    """Merge the changes of overlay image OVERLAY down into its base image.
+
+    The overlay is then empty again, on the updated base.  Other overlays
+    made on the same base are refused from then on, since the base they were
+    made on has changed (as with qemu-img commit); the base must not be open
+    elsewhere.
+    """
+    from . import layers
+    from .operands import CommandError
+    try:
+        base, changed = layers.commit_to_base(overlay)
+    except OSError as exc:
+        raise CommandError("cannot commit", overlay, exc) from exc
+    log.info("committed %d changed items of %s into %s", changed, overlay, base)
+
+
+@click.command()
+@click.option("--base", "new_base", required=True, type=click.Path(dir_okay=False, exists=True),
+              help="The new base image; it should hold nearly the content of the old one.")
+@click.argument("overlay", type=click.Path(dir_okay=False))
+def rebase(new_base: str, overlay: str) -> None:
+    """Move overlay image OVERLAY onto another base, keeping what it shows.
+
+    Only items that differ from the new base stay in the overlay.
+    """
+    from . import layers
+    from .operands import CommandError
+    try:
+        changed = layers.rebase(overlay, new_base)
+    except OSError as exc:
+        raise CommandError("cannot rebase", overlay, exc) from exc
+    log.info("rebased %s onto %s: %d items differ from the new base", overlay, new_base, changed)
+
+
+@click.command()
+@click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.argument("output", type=click.Path(dir_okay=False))
+def convert(force: bool, image: str, output: str) -> None:
+    """Write a standalone image OUTPUT holding IMAGE's live filesystem, with no base.
+
+    Snapshots are not copied.
+    """
+    import os
+
+    from . import layers
+    from .operands import CommandError
+    from .session import Session
+    if os.path.exists(output) and os.path.getsize(output) > 0 and not force:
+        raise CommandError(None, output, message=f"{output}: file exists and is not empty; use --force to overwrite it")
+    with Session() as session:
+        volume = session.open(image, writable=False).volume
+        try:
+            layers.convert(volume, output, force=True).close()
+        except OSError as exc:
+            raise CommandError("cannot convert", image, exc) from exc
+
+
+def register(group: click.Group) -> None:
+    for command in (snapshot, du, commit_overlay, rebase, convert):
+        group.add_command(command)
