@@ -16,8 +16,8 @@ Caveats first:
   read-only; the error is logged.  Changes since the last commit are lost.
 
 Inode numbers: the kernel's ROOT_INODE (1) is the mounted subvolume's root
-directory (inode 256 in the image); every other inode of the mounted
-subvolume keeps its image number.  Snapshots appear read-only under
+directory, which is inode 256 in the image.  Every other inode of the
+mounted subvolume keeps its image number.  Snapshots appear read-only under
 ``MOUNTPOINT/.snapshots/NAME``.  The ``.snapshots`` directory is inode 2,
 and inode ``ino`` of the snapshot with tree id ``t`` is ``(t << 40) | ino``.
 Image inode numbers start at 256 and subvolume tree ids at 256, so a
@@ -554,8 +554,8 @@ class CowtreeOperations(pyfuse3.Operations):
 
     @_fuse_operation(mutating=False)
     def getxattr(self, inode, name, ctx):
-        # pyfuse3 answers the size probe (size 0) and returns ERANGE when the
-        # caller's buffer is too small.
+        # pyfuse3 replies to the size probe (size 0) itself and returns ERANGE
+        # when the caller's buffer is too small.
         reject_acl(name)
         if inode == SNAPSHOTS_DIR:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
@@ -599,9 +599,9 @@ class CowtreeOperations(pyfuse3.Operations):
 def reject_acl(name: bytes) -> None:
     """Raise EOPNOTSUPP for the POSIX ACL xattrs, which this mount does not implement.
 
-    Stored as plain xattrs they would be ignored by permission checks and
+    Stored as plain xattrs, they would be ignored by permission checks and
     would not change the mode, so `cp -a` and `tar --acls` would silently
-    lose permissions; with EOPNOTSUPP they fall back to chmod(2).
+    lose permissions.  With EOPNOTSUPP those tools fall back to chmod(2).
     """
     if name in ACL_XATTRS:
         raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
@@ -623,7 +623,7 @@ def split_image_spec(spec: str) -> tuple[str, str | None]:
 
 @dataclasses.dataclass
 class MountOptions:
-    """What `cowtree mount` was asked to do."""
+    """The settings of one `cowtree mount` request."""
 
     image: str
     mountpoint: str
@@ -712,44 +712,33 @@ class Mount:
 def mount(options: MountOptions, foreground: bool = False) -> None:
     """Mount an image; without foreground, return once the mount works and serve from a daemon.
 
-    Raises the error of a failed mount in the calling process in both modes.
+    The image is opened and mounted in the calling process, so a failure
+    raises here with its own error class in both modes.  Only then does the
+    daemon fork: it inherits the image's lock (flock locks belong to the
+    open file, which both processes share) and the FUSE session.
     """
+    mounted = Mount(options)
     if foreground:
-        Mount(options).serve()
+        mounted.serve()
         return
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid:
-        os.close(write_end)
-        with os.fdopen(read_end, "rb") as pipe:
-            status = pipe.read()
-        if status != b"ready":
-            os.waitpid(pid, 0)
-            message = status.decode("utf-8", "replace") or "the mount process exited before the mount was ready"
-            raise MountError(message)
+    if os.fork():
+        # The daemon serves the mount.  This process must not close the
+        # session or the image; exiting only drops its copies of the descriptors.
         return
-    os.close(read_end)
     exit_status = 1
     try:
         os.setsid()
-        try:
-            mounted = Mount(options)
-        except BaseException as exc:   # noqa: B902 - reported to the parent, which raises it
-            os.write(write_end, f"{type(exc).__name__}: {exc}".encode())
-            raise
-        os.write(write_end, b"ready")
-        os.close(write_end)
         _detach_stdio()
         mounted.serve()
         exit_status = 0
     except BaseException:   # noqa: B902 - the daemon must never return into the caller's code
-        log.exception("mount process failed")
+        log.exception("mount process for %s failed", options.mountpoint)
     finally:
         os._exit(exit_status)
 
 
 class MountError(CowtreeError):
-    """The mount could not be set up; the message is the reason the daemon reported."""
+    """Unmounting failed; the message is fusermount3's."""
 
 
 def _detach_stdio() -> None:

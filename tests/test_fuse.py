@@ -749,3 +749,49 @@ def test_mount_snapshot_is_read_only(mount_image, tmp_path):
     mounted = mount_image(name="snap.img@s1", create=False)
     assert os.listdir(mounted.mountpoint) == ["dir"]
     assert errno_of(os.mkdir, mounted.path("new")) == errno.EROFS
+
+
+def cowtree_cli(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("COWTREE_STRICT", None)
+    return subprocess.run([sys.executable, "-c", "import sys; from cowtree.cli import main; sys.exit(main())",
+                           *args], capture_output=True, text=True, env=env, timeout=60)
+
+
+def test_cli_mount_returns_when_ready(tmp_path):
+    image = str(tmp_path / "cli.img")
+    mkfs(image).close()
+    mountpoint = str(tmp_path / "mnt")
+    os.mkdir(mountpoint)
+    result = cowtree_cli("mount", "--commit-interval", "1", image, mountpoint)
+    try:
+        assert result.returncode == 0, result.stderr
+        assert os.path.ismount(mountpoint)
+        write_file(os.path.join(mountpoint, "f"), b"through the daemon")
+        busy = cowtree_cli("mount", image, str(tmp_path))
+        assert busy.returncode == 4, busy.stderr
+        assert "in use" in busy.stderr
+    finally:
+        if os.path.ismount(mountpoint):
+            unmounted = cowtree_cli("umount", mountpoint)
+            if unmounted.returncode:
+                subprocess.run(["fusermount3", "-u", "-z", mountpoint])
+            assert unmounted.returncode == 0, unmounted.stderr
+    # The daemon commits and releases the image lock after the unmount.
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            volume = assert_image_clean(image)
+            break
+        except Exception as exc:
+            if "in use" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+    try:
+        fs = live(volume)
+        assert fs.read(fs.lookup(256, b"f"), 0, 100) == b"through the daemon"
+    finally:
+        volume.close()
+    missing = cowtree_cli("mount", f"{image}@nosuch", mountpoint)
+    assert missing.returncode == 1
+    assert "snapshot 'nosuch' not found" in missing.stderr
