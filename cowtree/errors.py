@@ -23,21 +23,33 @@ class CorruptionError(CowtreeError):
 
     The message names what was read (superblock, node, leaf, data block),
     where it sits (tree, block address, slot) and why it was rejected, with
-    the found and expected values where they exist.
+    the found and expected values where they exist.  It names the affected
+    file when the reader knows it, and advises running ``cowtree fsck``.
     """
 
     errno = _errno.EIO
 
-    def __init__(self, what: str, where: str, why: str, found=None, expected=None):
+    def __init__(self, what: str, where: str, why: str, found=None, expected=None, file: str | None = None):
         self.what = what
         self.where = where
         self.why = why
         self.found = found
         self.expected = expected
-        text = f"corrupt {what} {where}: {why}"
-        if found is not None or expected is not None:
-            text += f" (found {found}, expected {expected})"
-        super().__init__(text)
+        self.file = file
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        text = f"corrupt {self.what} {self.where}: {self.why}"
+        if self.found is not None or self.expected is not None:
+            text += f" (found {self.found}, expected {self.expected})"
+        if self.file:
+            text += f"; affected file: {self.file}"
+        return text + "; run 'cowtree fsck IMAGE' to check the whole image"
+
+    def name_file(self, file: str) -> None:
+        """Record the file whose read hit the damaged block, replacing a less specific name."""
+        self.file = file
+        self.args = (self._message(),)
 
 
 class NotAnImageError(CowtreeError):

@@ -687,7 +687,19 @@ class FileSystem:
             yield FileExtent.decode(key[2], data, f"inode {ino} offset {key[2]}")
 
     def read(self, ino: int, offset: int, size: int) -> bytes:
-        """Return up to size bytes of file ino from offset; holes read as zeros."""
+        """Return up to size bytes of file ino from offset; holes read as zeros.
+
+        A CorruptionError names inode ino as the affected file; the caller
+        may replace that with the file's path.
+        """
+        try:
+            return self._read(ino, offset, size)
+        except CorruptionError as exc:
+            if exc.file is None:
+                exc.name_file(f"inode {ino} of {self.label}")
+            raise
+
+    def _read(self, ino: int, offset: int, size: int) -> bytes:
         inode = self.get_inode(ino)
         if inode.is_dir:
             raise IsADirectory("Is a directory")
