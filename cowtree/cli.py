@@ -315,6 +315,35 @@ def reason_of(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+class _FsckCommand(click.Command):
+    """A command whose invalid command line exits 4, because fsck gives 2 to "errors remain"."""
+
+    def make_context(self, *args, **kwargs):
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.UsageError as exc:
+            exc.exit_code = 4
+            raise
+
+
+@cli.command(cls=_FsckCommand)
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.option("--repair", is_flag=True, help="Fix leaks, reference counts, link counts, directory sizes, "
+              "orphan inodes and dangling entries through normal transactions.")
+@click.option("--json", "as_json", is_flag=True, help="Print the findings as one JSON document.")
+@click.option("-v", "--verbose", is_flag=True, help="Also print the superblock copies and the time taken.")
+@click.option("--no-data", is_flag=True, help="Skip reading data blocks; check metadata only.")
+def fsck(image: str, repair: bool, as_json: bool, verbose: bool, no_data: bool) -> int:
+    """Check IMAGE for consistency and list every problem found.
+
+    Exit statuses: 0 clean, 1 problems found and all repaired, 2 errors
+    remain, 3 only leaked space remains, 4 the image could not be opened
+    or the command line is invalid.
+    """
+    from .fsck import run
+    return run(image, repair=repair, as_json=as_json, verbose=verbose, data=not no_data)
+
+
 def status_of(exc: BaseException) -> int:
     from .errors import (CorruptionError, CowtreeError, ImageInUseError, NotAnImageError,
                          UnsupportedFeatureError)
