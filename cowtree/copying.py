@@ -281,8 +281,10 @@ class HostSink:
         """Return 'dir', 'other' or None for the destination operand, following symlinks."""
         try:
             st = os.stat(path)
-        except FileNotFoundError:
-            return None
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENAMETOOLONG):
+                return None               # creating it reports the error, if any
+            raise
         return "dir" if stat_module.S_ISDIR(st.st_mode) else "other"
 
     def open_dir(self, path: str) -> int:
@@ -445,8 +447,10 @@ class ImageSink:
         fs = self.fs
         try:
             ino = fs.resolve(path)
-        except FileNotFoundError:
-            return None
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENAMETOOLONG):
+                return None               # creating it reports the error, if any
+            raise
         return "dir" if fs.get_inode(ino).is_dir else "other"
 
     def open_dir(self, path: bytes) -> int:
