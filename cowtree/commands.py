@@ -15,6 +15,7 @@ import json
 import os
 import posixpath
 import stat as stat_module
+import sys
 
 from . import listing, ondisk
 from .copying import (ERRORS, Copier, CopyOptions, HostSink, HostSource, ImageSink, ImageSource, Progress,
@@ -24,6 +25,7 @@ from .operands import CommandError, ImagePath, parse_image_operand, parse_locati
 from .session import Session
 
 CHUNK = 4 << 20
+RECURSION_LIMIT = 10000
 
 
 def _resolve(fs, location: ImagePath, follow: bool = True) -> int:
@@ -251,6 +253,7 @@ def _make_parents(fs, path: bytes, mode: int) -> None:
 
 
 def rm(operands: list[str], recursive: bool, force: bool) -> None:
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), RECURSION_LIMIT))
     with Session() as session:
         for text in operands:
             location = _image_operand(text)
@@ -392,6 +395,9 @@ class OpenImageFile(OSError):
 
 def cp(sources: list[str], dest: str, options: CopyOptions, warn, progress_enabled: bool) -> int:
     """Copy sources to dest; return the exit status (1 when a directory was left out)."""
+    # The walk recurses about three frames per directory level; this allows
+    # about 3,000 levels, which tests/test_cli.py checks.
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), RECURSION_LIMIT))
     dst_location = parse_location(dest)
     src_locations = [parse_location(text) for text in sources]
     progress = Progress(progress_enabled)

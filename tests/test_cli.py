@@ -510,6 +510,25 @@ def test_copy_out_refuses_open_image(workdir):
     assert cowtree(workdir, "cat", "disk.img:/f").stdout == b"x"
 
 
+def test_deep_tree_copy_and_remove(workdir, monkeypatch):
+    monkeypatch.setenv("COWTREE_STRICT", "")
+    volume = image_module.open_image(str(workdir / "disk.img"), writable=True)
+    try:
+        fs = image_module.live(volume)
+        ino = ondisk.ROOT_DIR_INO
+        for _ in range(3000):
+            ino = fs.mkdir(ino, b"d", 0o755).ino
+        fs.mknod(ino, b"leaf", stat.S_IFREG | 0o644)
+        volume.commit()
+    finally:
+        volume.close()
+    cowtree(workdir, "cp", "-r", "disk.img:/d", "disk.img:/copy")
+    cowtree(workdir, "rm", "-r", "disk.img:/d")
+    leaf = "disk.img:/copy" + "/d" * 2999 + "/leaf"
+    [entry] = json_of(cowtree(workdir, "stat", "--json", leaf))
+    assert entry["type"] == "file"
+
+
 # ---------------------------------------------------------------------------
 # The standard library, both ways
 
