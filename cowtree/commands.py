@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import posixpath
 import stat as stat_module
 import sys
+import time
 
 from . import listing, ondisk
 from .copying import (ERRORS, Copier, CopyOptions, HostSink, HostSource, ImageSink, ImageSource, Progress,
@@ -23,6 +25,8 @@ from .copying import (ERRORS, Copier, CopyOptions, HostSink, HostSource, ImageSi
 from .errors import CrossDevice, Exists, InvalidArgument, IsADirectory, NotADirectory
 from .operands import CommandError, ImagePath, parse_image_operand, parse_location
 from .session import Session
+
+log = logging.getLogger(__name__)
 
 CHUNK = 4 << 20
 RECURSION_LIMIT = 10000
@@ -454,6 +458,8 @@ def cp(sources: list[str], dest: str, options: CopyOptions, warn, progress_enabl
                 _copy_operand(copier, handle, meta, text, base, dst_path, dest, kind)
         finally:
             progress.done()
+    log.info("copied %d files, %d bytes in %.2f s", progress.files, progress.bytes,
+             time.monotonic() - progress.start)
     return 0
 
 
