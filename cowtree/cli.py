@@ -132,8 +132,11 @@ def ls(long: bool, show_all: bool, recursive: bool, as_json: bool, operand: str)
               help="Same as -r, and keep modes, owners, times, symlinks, hard links, xattrs and holes.")
 @click.option("--exclude", "excludes", multiple=True, metavar="PATTERN",
               help="Leave out entries whose name matches this shell pattern; may be repeated.")
+@click.option("--reflink", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
+              help="Share data extents between source and copy inside one image: always (fail across "
+                   "images), auto (share where possible) or never (copy the bytes).  --reflink alone means always.")
 @click.argument("paths", nargs=-1, required=True, metavar="SRC... DST")
-def cp(recursive: bool, archive: bool, excludes: tuple, paths: tuple) -> int:
+def cp(recursive: bool, archive: bool, excludes: tuple, reflink: str, paths: tuple) -> int:
     """Copy files between the host and images, or between images.
 
     Each of SRC and DST is a host path or IMAGE:/path.  A source whose last
@@ -147,7 +150,7 @@ def cp(recursive: bool, archive: bool, excludes: tuple, paths: tuple) -> int:
         raise click.UsageError("at least one of SRC and DST must be an image path (IMAGE:/path)")
     from . import commands
     from .copying import CopyOptions
-    options = CopyOptions(recursive=recursive or archive, preserve=archive, excludes=excludes)
+    options = CopyOptions(recursive=recursive or archive, preserve=archive, excludes=excludes, reflink=reflink)
     return commands.cp(list(sources), dest, options, warn, sys.stderr.isatty())
 
 
@@ -379,8 +382,14 @@ def describe_error(exc: BaseException) -> tuple[str, int]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line and return its exit status."""
+    from . import tune_gc
+    tune_gc()
+    args = list(sys.argv[1:] if argv is None else argv)
+    # "--reflink" alone means "--reflink=always", as in coreutils cp; click
+    # would take the next argument as its value.
+    args = ["--reflink=always" if arg == "--reflink" else arg for arg in args]
     try:
-        status = cli.main(args=argv, prog_name="cowtree", standalone_mode=False)
+        status = cli.main(args=args, prog_name="cowtree", standalone_mode=False)
     except click.exceptions.Abort:
         warn("interrupted")
         return EXIT_INTERRUPTED

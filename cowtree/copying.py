@@ -72,6 +72,7 @@ class CopyOptions:
     recursive: bool = False
     preserve: bool = False      # -a: modes, owners, times, symlinks, hard links, xattrs
     excludes: tuple = ()        # fnmatch patterns matched against each entry name
+    reflink: str = "auto"       # share data extents inside one image: "auto", "always" or "never"
 
 
 class CopyConflict(Exception):
@@ -609,6 +610,7 @@ class Copier:
         self.sink = sink
         self.preserve = options.preserve
         self.excludes = options.excludes
+        self.options = options
         self.progress = progress
         self.links: dict[tuple, object] = {}     # link key -> what sink.hardlink needs
 
@@ -703,6 +705,20 @@ class Copier:
                                message=f"cannot overwrite directory '{dst_text}' with non-directory") from None
         except ERRORS as exc:
             raise CommandError("cannot create regular file", dst_text, exc) from exc
+        if self._can_reflink(src_text, dst_text):
+            try:
+                try:
+                    self.sink.fs.clone_file(self.source.fs, handle, writer.ino)
+                except ERRORS as exc:
+                    raise CommandError("cannot clone", f"{src_text}' to '{dst_text}", exc) from exc
+                xattrs = self._xattrs(handle, src_text)
+                try:
+                    writer.finish(meta, xattrs, dst_text)
+                except ERRORS as exc:
+                    raise CommandError("error writing", dst_text, exc) from exc
+            finally:
+                writer.close()
+            return writer.ino
         chunks = self.source.chunks(handle, meta)
         copied = 0
         try:
@@ -728,6 +744,17 @@ class Copier:
             writer.close()
         self.progress.add(copied)
         return writer.ino if self.sink.kind == "image" else os.fsencode(dst_text)
+
+    def _can_reflink(self, src_text: str, dst_text: str) -> bool:
+        """Return True when the file can share its source's extents (same image, reflink allowed)."""
+        mode = self.options.reflink
+        same_image = (self.source.kind == "image" and self.sink.kind == "image"
+                      and self.source.fs.vol is self.sink.fs.vol)
+        if mode == "always" and not same_image:
+            raise CommandError("failed to clone", f"{dst_text}' from '{src_text}",
+                               message=f"failed to clone '{dst_text}' from '{src_text}': "
+                                       f"Invalid cross-device link (reflinks work inside one image only)")
+        return same_image and mode != "never"
 
     def _copy_symlink(self, handle, meta, parent, name, src_text, dst_text, fresh):
         try:

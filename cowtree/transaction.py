@@ -123,6 +123,7 @@ class Volume:
         # layers[0] is this image; layers[n] the n-th base image down the chain,
         # opened read-only by the layer code above (cowtree.layers).
         self.layers = [self]
+        self.opened_size = dev.size()
         self._load(sb)
 
     # -- opening and creating -------------------------------------------------
@@ -668,9 +669,18 @@ class Volume:
         self.dirty = {}
 
     def abort(self) -> None:
-        """Drop the running transaction and return to the last commit."""
+        """Drop the running transaction and return to the last commit.
+
+        The image file is cut back to the length the last commit needs, or
+        the length it had when it was opened if that is longer, so that data
+        written by the dropped transaction does not keep host disk space.
+        """
         self.data_buffer = []
         self.data_buffer_len = 0
+        if self.writable:
+            keep = max(self.sb.image_bytes, self.opened_size)
+            if self.dev.size() > keep:
+                os.ftruncate(self.dev.fd, keep)
         self._retract_superblock()
         trees = self.trees
         self._load(self.sb)

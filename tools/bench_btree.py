@@ -21,6 +21,7 @@ Usage: python3 tools/bench_btree.py [--n 1000000] [--seed 1] [--dir DIR]
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import random
 import sqlite3
@@ -30,6 +31,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from cowtree import tune_gc  # noqa: E402
 from cowtree.transaction import Volume  # noqa: E402
 
 try:
@@ -169,9 +171,15 @@ def main() -> int:
     parser.add_argument("--dir", default=None, help="directory for the database files (default: a new temporary one)")
     parser.add_argument("--engines", default="cowtree,sqlite3,lmdb",
                         help="comma-separated engines to run (default cowtree,sqlite3,lmdb)")
+    parser.add_argument("--default-gc", action="store_true",
+                        help="keep Python's default garbage collector thresholds instead of the ones the "
+                             "cowtree CLI and FUSE daemon set (cowtree.tune_gc)")
     args = parser.parse_args()
+    if not args.default_gc:
+        tune_gc()
 
     print(f"n: {args.n}")
+    print(f"gc thresholds: {gc.get_threshold()}")
     print(f"seed: {args.seed}")
     keys, values = make_items(args.n, args.seed)
     lookup_order = list(range(args.n))
