@@ -574,6 +574,7 @@ class FileSystem:
             new_parent.nlink += delta
             old_parent.nlink -= delta
             self.put_inode(new_parent)
+            self.put_inode(old_parent)
         self._add_entry(new_parent, new_name, src)
         old_parent = self.get_inode(old_dir)
         self._add_entry(old_parent, old_name, dst)

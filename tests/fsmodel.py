@@ -18,7 +18,7 @@ import dataclasses
 import stat
 
 from cowtree import errors, ondisk
-from cowtree.fs import FileSystem
+from cowtree.fs import RENAME_EXCHANGE, FileSystem
 
 ROOT = ondisk.ROOT_DIR_INO
 KIND_FORMAT = {"reg": stat.S_IFREG, "dir": stat.S_IFDIR, "lnk": stat.S_IFLNK}
@@ -248,6 +248,24 @@ class Driver:
             else:
                 model._forget_if_unlinked(dst)
         model.entries[new_dir][new_name] = src
+
+    def exchange(self, old_dir: int, old_name: bytes, new_dir: int, new_name: bytes):
+        """Swap two existing entries (rename with RENAME_EXCHANGE)."""
+        model = self.model
+        src = model.entries[old_dir].get(old_name)
+        dst = model.entries[new_dir].get(new_name)
+        error = None
+        if src is None or dst is None:
+            error = errors.NotFound
+        elif src != dst and new_dir != old_dir:
+            if model.inodes[src].kind == "dir" and model.is_within(src, new_dir):
+                error = errors.InvalidArgument
+            elif model.inodes[dst].kind == "dir" and model.is_within(dst, old_dir):
+                error = errors.InvalidArgument
+        self._run(error, lambda: self.fs.rename(old_dir, old_name, new_dir, new_name, RENAME_EXCHANGE) or True)
+        if error is None:
+            model.entries[old_dir][old_name] = dst
+            model.entries[new_dir][new_name] = src
 
     # -- file data --------------------------------------------------------------
 

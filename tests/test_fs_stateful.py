@@ -137,6 +137,14 @@ class FileSystemMachine(RuleBasedStateMachine):
         new_dir, new_name = data.draw(st.sampled_from(self.model.names()), label="target")
         self.driver.rename(old_dir, old_name, new_dir, new_name)
 
+    @precondition(lambda self: len(self.model.names()) >= 2)
+    @rule(data=st.data())
+    def exchange(self, data):
+        """Swap two existing entries, possibly a file with a directory, across directories."""
+        old_dir, old_name = data.draw(st.sampled_from(self.model.names()), label="source")
+        new_dir, new_name = data.draw(st.sampled_from(self.model.names()), label="target")
+        self.driver.exchange(old_dir, old_name, new_dir, new_name)
+
     # -- file data --------------------------------------------------------------
 
     def _offset(self, data, ino) -> int:
@@ -154,6 +162,16 @@ class FileSystemMachine(RuleBasedStateMachine):
         offset = self._offset(data, ino)
         payload = bytes(length) if zeros else random.Random(seed).randbytes(length)
         self.driver.write(ino, offset, payload)
+
+    @precondition(lambda self: self.model.files())
+    @rule(data=st.data())
+    def read_range(self, data):
+        """A read of part of a file returns that part, and nothing past the end of the file."""
+        ino = data.draw(st.sampled_from(self.model.files()), label="file")
+        content = self.model.inodes[ino].data
+        offset = self._offset(data, ino)
+        size = data.draw(st.sampled_from([0, 1, 100, BLOCK - 1, BLOCK, 3 * BLOCK + 5]), label="size")
+        assert self.fs.read(ino, offset, size) == content[offset:offset + size]
 
     @precondition(lambda self: self.model.files())
     @rule(data=st.data())
@@ -227,3 +245,23 @@ class FileSystemMachine(RuleBasedStateMachine):
 FileSystemMachine.TestCase.settings = settings(settings.default, max_examples=5 * settings.default.max_examples,
                                                stateful_step_count=2 * settings.default.stateful_step_count)
 TestFileSystemStateful = pytest.mark.slow(FileSystemMachine.TestCase)
+
+
+@pytest.mark.parametrize("directory_first", [False, True])
+def test_exchange_file_with_directory_across_parents(make_image, directory_first):
+    """Swapping a directory with a non-directory in another directory moves one link count between the parents."""
+    _, volume, fs = make_image()
+    driver = Driver(fs, FsModel(fs.get_inode(ROOT).mode & 0o7777))
+    parent = driver.mkdir(ROOT, b"parent")
+    driver.mkdir(parent.ino, b"child")
+    driver.symlink(ROOT, b"link", b"target")
+    if directory_first:
+        driver.exchange(parent.ino, b"child", ROOT, b"link")
+    else:
+        driver.exchange(ROOT, b"link", parent.ino, b"child")
+    assert_matches(fs, driver.model)
+    assert fs.get_inode(ROOT).nlink == 4
+    assert fs.get_inode(parent.ino).nlink == 2
+    volume.commit()
+    report = check_volume(volume)
+    assert report.problems == [], "\n".join(map(str, report.problems))
