@@ -61,6 +61,9 @@ class ImageFile:
     def flush(self) -> None:
         os.fdatasync(self.fd)
 
+    def truncate(self, size: int) -> None:
+        os.ftruncate(self.fd, size)
+
     def size(self) -> int:
         return os.fstat(self.fd).st_size
 
@@ -95,6 +98,10 @@ class RecordingDevice:
     def flush(self):
         self.log.append(("flush",))
         self.inner.flush()
+
+    def truncate(self, size):
+        self.log.append(("truncate", size))
+        self.inner.truncate(size)
 
     def size(self):
         return self.inner.size()

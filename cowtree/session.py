@@ -4,8 +4,8 @@ A command opens every image it writes first, with an exclusive lock, then
 the images it only reads, with a shared lock; an image named twice is opened
 once, writable if any use writes it.  :meth:`Session.finish` commits each
 writable image once at the end.  On any error :meth:`Session.abort` drops
-the running transactions, so every image stays at its last commit, and cuts
-the image file back to the length it had when it was opened.
+the running transactions, so every image stays at its last commit
+(``Volume.abort`` also cuts the file back to the length it had at open).
 """
 
 from __future__ import annotations
@@ -104,8 +104,6 @@ class Session:
             volume = opened.volume
             try:
                 volume.abort()
-                if volume.dev.size() > opened.file_size:
-                    os.ftruncate(volume.dev.fd, opened.file_size)
                 log.info("%s: aborted; the image stays at generation %d", opened.path, volume.generation)
             except (OSError, CorruptionError) as exc:
                 log.warning("%s: cleaning up after the failed command also failed: %s", opened.path, exc)

@@ -680,7 +680,7 @@ class Volume:
         if self.writable:
             keep = max(self.sb.image_bytes, self.opened_size)
             if self.dev.size() > keep:
-                os.ftruncate(self.dev.fd, keep)
+                self.dev.truncate(keep)
         self._retract_superblock()
         trees = self.trees
         self._load(self.sb)
