@@ -2,11 +2,12 @@
 # The main job of cowtree, end to end: import this Python's standard library
 # into a new image with `cowtree cp -a`, copy it back out, and check that
 # nothing changed on the way (contents, modes, mtimes in ns, symlink targets).
-# When the snapshot command exists it also snapshots the image, changes a
-# file, and checks that the snapshot still reads the old contents.
+# Then it snapshots the image, changes a file, checks that the snapshot still
+# reads the old contents, lists the snapshots and ends with `cowtree fsck`,
+# which must find the image clean.
 #
 # Usage: tools/demo.sh [WORKDIR]     (default: ./out/demo, replaced on each run)
-# Exits non-zero on any mismatch.
+# Exits non-zero on any mismatch, and when fsck does not find the image clean.
 set -euo pipefail
 
 workdir=${1:-./out/demo}
@@ -84,31 +85,34 @@ EOF
 step "space"
 cowtree df "$image"
 
-if cowtree snapshot --help >/dev/null 2>&1; then
-    step "snapshot, change a file, and read both versions"
-    if cowtree snapshot --help | grep -q -w create; then
-        cowtree snapshot create "$image" before
-    else
-        cowtree snapshot "$image" before
-    fi
-    original=$(cowtree cat "$image:/stdlib/os.py" | sha256sum)
-    echo "# changed after the snapshot" > "$workdir/os.py"
-    cowtree cp "$workdir/os.py" "$image:/stdlib/os.py"
-    cowtree ls -l "$image@before:/stdlib/os.py"
-    cowtree ls -l "$image:/stdlib/os.py"
-    in_snapshot=$(cowtree cat "$image@before:/stdlib/os.py" | sha256sum)
-    live=$(cowtree cat "$image:/stdlib/os.py")
-    if [ "$in_snapshot" != "$original" ]; then
-        echo "demo: the snapshot's os.py changed" >&2
-        exit 1
-    fi
-    if [ "$live" != "# changed after the snapshot" ]; then
-        echo "demo: the live os.py does not have the new contents" >&2
-        exit 1
-    fi
-    echo "   the snapshot keeps the old os.py, the live filesystem has the new one"
-else
-    step "no snapshot command in this version; skipping the snapshot step"
+step "snapshot, change a file, and read both versions"
+cowtree snapshot create "$image" before
+original=$(cowtree cat "$image:/stdlib/os.py" | sha256sum)
+echo "# changed after the snapshot" > "$workdir/os.py"
+cowtree cp "$workdir/os.py" "$image:/stdlib/os.py"
+cowtree ls -l "$image@before:/stdlib/os.py"
+cowtree ls -l "$image:/stdlib/os.py"
+in_snapshot=$(cowtree cat "$image@before:/stdlib/os.py" | sha256sum)
+live=$(cowtree cat "$image:/stdlib/os.py")
+if [ "$in_snapshot" != "$original" ]; then
+    echo "demo: the snapshot's os.py changed" >&2
+    exit 1
+fi
+if [ "$live" != "# changed after the snapshot" ]; then
+    echo "demo: the live os.py does not have the new contents" >&2
+    exit 1
+fi
+echo "   the snapshot keeps the old os.py, the live filesystem has the new one"
+
+step "list the snapshots"
+cowtree snapshot list "$image"
+
+step "check the image with fsck"
+status=0
+cowtree fsck "$image" || status=$?
+if [ "$status" -ne 0 ]; then
+    echo "demo: cowtree fsck exited with status $status; the image is not clean" >&2
+    exit 1
 fi
 
-step "done: $image round-tripped the standard library without a difference"
+step "done: $image round-tripped the standard library, kept its snapshot and checked clean"
