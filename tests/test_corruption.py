@@ -10,7 +10,6 @@ for an empty or new one.
 from __future__ import annotations
 
 import os
-import shutil
 
 import pytest
 
@@ -144,7 +143,7 @@ def test_001_node_byte_flip_every_node(small_image, tmp_path):
     read (at open for a tree root), and the checker names it too.
     """
     assert len(small_image.nodes) >= 8, "the image must have several nodes"
-    for address, owner in small_image.nodes:
+    for address, _owner in small_image.nodes:
         for where in (0, 70, 2048, 4095):
             path = small_image.damaged_copy(tmp_path, address + where)
             assert_reports_damage(path, small_image.model, (f"block {address}",))

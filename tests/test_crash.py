@@ -20,7 +20,6 @@ The named crash points of ``Volume.commit`` are exercised separately with
 
 from __future__ import annotations
 
-import os
 import random
 
 import pytest
@@ -28,7 +27,6 @@ import pytest
 from cowtree import ondisk
 from cowtree.blockdev import ImageFile, RecordingDevice, Superblock
 from cowtree.check import check_volume
-from cowtree.errors import CowtreeError
 from cowtree.image import live, mkfs, open_image
 from cowtree.transaction import CrashPoint, Volume
 
