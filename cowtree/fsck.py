@@ -114,13 +114,14 @@ def _superblock_problems(volume, result: FsckResult) -> list:
 def _open(path: str, writable: bool):
     """Open path for fsck; raise FsckError when fsck cannot run at all."""
     from .image import open_image
+    from .layers import BaseImageError
     if not os.path.exists(path):
         raise FsckError(f"{path}: no such file")
     if os.path.isdir(path):
         raise FsckError(f"{path}: is a directory, not an image")
     try:
-        return open_image(path, writable=writable)
-    except (ImageInUseError, UnsupportedFeatureError, PermissionError) as exc:
+        return open_image(path, writable=writable, base=os.environ.get("COWTREE_BASE") or None)
+    except (ImageInUseError, UnsupportedFeatureError, PermissionError, BaseImageError) as exc:
         raise FsckError(f"{path}: cannot open the image: {exc}") from exc
 
 

@@ -644,14 +644,15 @@ class Mount:
             raise ValueError(f"invalid commit interval {options.commit_interval}: must be above 0 seconds")
         name = options.snapshot.encode("utf-8", "surrogateescape") if options.snapshot else None
         readonly = options.readonly
+        base_override = os.environ.get("COWTREE_BASE") or None   # the CLI's global --base
         if name and not readonly:
             # A read-only snapshot mounts read-only and needs only the shared lock.
-            probe = open_image(options.image, writable=False)
+            probe = open_image(options.image, writable=False, base=base_override)
             try:
                 readonly = find(probe, name).readonly
             finally:
                 probe.close()
-        self.volume = open_image(options.image, writable=not readonly)
+        self.volume = open_image(options.image, writable=not readonly, base=base_override)
         try:
             sub = find(self.volume, name)
             fs = FileSystem(self.volume, sub.tree_id, readonly=readonly or sub.readonly,
