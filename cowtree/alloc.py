@@ -2,9 +2,11 @@
 
 The extent tree is the only persistent record of allocation: an address is
 free when no EXTENT_ITEM covers it.  :class:`FreeSpace` derives free runs
-from it lazily, one 1 GiB chunk at a time, the first time an allocation
-needs that chunk, so opening a large image reads no extent items at all.
-Everything at or above the image's high-water mark is free without a look.
+from it lazily, one 128 MiB chunk at a time, lowest first, when the chunks
+loaded so far have no gap that fits.  Opening an image reads no extent
+items at all, and a transaction loads at most one chunk before it grows
+the image instead.  Everything at or above the image's high-water mark is
+free without a look.
 
 Blocks freed by a transaction are *pinned*: they stay unavailable until the
 superblock of that transaction is durable, because the previous superblock
@@ -21,12 +23,18 @@ from __future__ import annotations
 import dataclasses
 import logging
 from bisect import bisect_left, bisect_right
+from itertools import chain
 
+from . import ondisk
 from .errors import NoSpaceError
 
 log = logging.getLogger(__name__)
 
-CHUNK = 1 << 30
+# Free space is read from the extent tree in chunks of this many bytes of
+# address space: at most 32,768 extents of one 4 KiB block each.
+CHUNK = ondisk.CHUNK_SIZE
+# A transaction loads at most this many chunks before it grows the image.
+LOADS_PER_TRANSACTION = 4
 
 
 class FreeSpace:
@@ -36,8 +44,12 @@ class FreeSpace:
     starts in [lo, hi); it reads the extent tree.
     """
 
-    def __init__(self, scan, first_alloc: int, high_water: int, size_limit: int, block: int):
+    def __init__(self, scan, first_alloc: int, high_water: int, size_limit: int, block: int,
+                 chunk_used: dict | None = None):
         self.scan = scan
+        # Committed bytes in use per chunk index (CHUNK_ITEMs); None: unknown,
+        # so every chunk is a candidate.
+        self.chunk_used = chunk_used
         self.first_alloc = first_alloc
         self.high_water = high_water
         self.size_limit = size_limit
@@ -47,19 +59,49 @@ class FreeSpace:
         # Chunks below the high-water mark at open time are read on demand;
         # space above it is known to be free.
         self.unloaded = list(range((high_water - 1) // CHUNK, -1, -1)) if high_water > first_alloc else []
+        self.unloaded_set = set(self.unloaded)
+        # Loads read extent items below this address only: what lies above it
+        # was free at open, and is tracked in the runs since.
+        self.scan_limit = high_water
         self.excluded: list[tuple[int, int]] = []  # pinned runs, kept out of chunk loads
         self.cursor = first_alloc
+        # A transaction reads the extent items of at most this many chunks;
+        # past that it grows the image instead, so that no single command on
+        # a large image pays for a scan of its whole extent tree.
+        self.load_budget = LOADS_PER_TRANSACTION
 
     # -- loading ---------------------------------------------------------
+
+    def _chunk_room(self, chunk: int) -> int:
+        """Return an upper bound of the free bytes in an unloaded chunk."""
+        lo = max(chunk * CHUNK, self.first_alloc)
+        hi = min((chunk + 1) * CHUNK, self.scan_limit)
+        if self.chunk_used is None:
+            return hi - lo
+        return hi - lo - self.chunk_used.get(chunk, 0)
+
+    def _load_chunk_with_room(self, length: int) -> bool:
+        """Load the lowest unloaded chunk that may hold length free bytes; False when none may."""
+        for position in range(len(self.unloaded) - 1, -1, -1):
+            chunk = self.unloaded[position]
+            if self._chunk_room(chunk) >= length:
+                del self.unloaded[position]
+                self._load_chunk(chunk)
+                return True
+        return False
 
     def _load_next_chunk(self) -> bool:
         if not self.unloaded:
             return False
-        chunk = self.unloaded.pop()
+        self._load_chunk(self.unloaded.pop())
+        return True
+
+    def _load_chunk(self, chunk: int) -> None:
+        self.unloaded_set.discard(chunk)
         lo = max(chunk * CHUNK, self.first_alloc)
-        hi = min((chunk + 1) * CHUNK, self.high_water)
+        hi = min((chunk + 1) * CHUNK, self.scan_limit)
         if lo >= hi:
-            return True
+            return
         position = lo
         for addr, length in self.scan(lo, hi):
             if addr > position:
@@ -70,10 +112,9 @@ class FreeSpace:
         for start, length in self.excluded:
             self._remove_overlap(start, start + length)
         log.debug("loaded free space of chunk %d: %d runs in all", chunk, len(self.starts))
-        return True
 
     def _chunk_loaded(self, addr: int) -> bool:
-        return addr // CHUNK not in self.unloaded
+        return addr >= self.scan_limit or addr // CHUNK not in self.unloaded_set
 
     # -- run bookkeeping ---------------------------------------------------
 
@@ -133,8 +174,13 @@ class FreeSpace:
             found = self._find(length, minimum)
             if found is not None:
                 return found
-            if not self._load_next_chunk():
-                break
+            # Load a chunk that CHUNK_ITEMs say has room, at most load_budget
+            # per transaction (see __init__) unless the image cannot grow.
+            if self.unloaded and (self.load_budget > 0 or not self._can_grow(length, minimum, reserve)):
+                self.load_budget -= 1
+                if self._load_chunk_with_room(minimum):
+                    continue
+            break
         addr = self.high_water
         limit = self.size_limit
         if limit and addr + length > limit - reserve:
@@ -146,14 +192,21 @@ class FreeSpace:
         self.high_water = addr + length
         return addr, length
 
+    def _can_grow(self, length: int, minimum: int, reserve: int) -> bool:
+        limit = self.size_limit
+        return not limit or self.high_water + minimum <= limit - reserve
+
+    def new_transaction(self) -> None:
+        """Allow the next transaction its own chunk loads."""
+        self.load_budget = LOADS_PER_TRANSACTION
+
     def _find(self, length: int, minimum: int):
         starts, ends = self.starts, self.ends
         if not starts:
             return None
         begin = bisect_right(ends, self.cursor)
-        order = list(range(begin, len(starts))) + list(range(0, begin))
         best = None
-        for i in order:
+        for i in chain(range(begin, len(starts)), range(0, begin)):
             size = ends[i] - starts[i]
             if size >= length:
                 best = i
@@ -183,7 +236,11 @@ class FreeSpace:
                 del self.ends[-1]
             return
         if not self._chunk_loaded(addr):
-            return  # found free when its chunk is loaded
+            # Found free when its chunk is loaded, up to scan_limit; a part
+            # above scan_limit is never scanned, so it goes to the runs now.
+            if addr + length > self.scan_limit:
+                self._add_run(self.scan_limit, addr + length)
+            return
         self._add_run(addr, addr + length)
 
     def free_bytes_inside(self) -> int:

@@ -492,9 +492,20 @@ def _check_subvolume_files(volume, tree: Tree, summary: _Summary, walker: _Walke
                    "disagree, but no single inode could be named", f"{summary.total:#x}/{summary.roots}", "0/1")
 
 
+def add_to_chunks(sums: dict, addr: int, length: int) -> None:
+    """Add the bytes of extent [addr, addr + length) to sums, per chunk index."""
+    end = addr + length
+    while addr < end:
+        chunk = addr // ondisk.CHUNK_SIZE
+        part = min(end, (chunk + 1) * ondisk.CHUNK_SIZE) - addr
+        sums[chunk] = sums.get(chunk, 0) + part
+        addr += part
+
+
 def _check_extents(volume, walker: _Walker, report: Report) -> list:
     """Compare the extent tree with the counted pointers; return the data extents [(addr, length, csums)]."""
     bytes_used = 0
+    chunk_sums: dict[int, int] = {}
     previous_end = ondisk.FIRST_ALLOC
     extent_items: set[int] = set()
     data_extents = []
@@ -515,6 +526,7 @@ def _check_extents(volume, walker: _Walker, report: Report) -> list:
             continue
         refs, _gen, flags, _owner = EXTENT.unpack_from(data)
         bytes_used += length
+        add_to_chunks(chunk_sums, addr, length)
         extent_items.add(addr)
         if addr < previous_end:
             report.add("extent item", where, "overlaps the previous extent or the superblock area", addr,
@@ -565,6 +577,17 @@ def _check_extents(volume, walker: _Walker, report: Report) -> list:
         if bytes_used != volume.bytes_used:
             report.add("superblock", f"generation {volume.generation}", "bytes_used differs from the extent tree",
                        volume.bytes_used, bytes_used, repair=("bytes_used", bytes_used))
+        try:
+            recorded = volume._read_chunk_items()
+        except CorruptionError as exc:
+            report.add_corruption(exc)
+            recorded = None
+        if recorded is not None:
+            for chunk in sorted(set(recorded) | set(chunk_sums)):
+                if recorded.get(chunk, 0) != chunk_sums.get(chunk, 0):
+                    report.add("chunk item", f"of chunk {chunk} (address {chunk * ondisk.CHUNK_SIZE}) in the root tree",
+                               "bytes in use differ from the extent tree", recorded.get(chunk, 0),
+                               chunk_sums.get(chunk, 0), repair=("chunks",))
     # Free runs in memory must not overlap allocated extents.
     free = volume.free
     for start, end in zip(free.starts, free.ends):

@@ -28,7 +28,7 @@ import sys
 import time
 
 from . import ondisk
-from .check import Problem, Report, check_volume
+from .check import add_to_chunks, Problem, Report, check_volume
 from .errors import CorruptionError, CowtreeError, ImageInUseError, NotAnImageError, UnsupportedFeatureError
 from .fs import FileSystem, decode_dirents, decode_refs, encode_dirent, name_hash
 from .transaction import EXTENT
@@ -43,7 +43,7 @@ EXIT_OPERATIONAL = 4    # usage error, or the image could not be opened at all
 
 LOST_FOUND = b"lost+found"
 REPAIR_ROUNDS = 4
-EXTENT_REPAIRS = {"leak", "refs", "bytes_used", "superblock_copy"}
+EXTENT_REPAIRS = {"leak", "refs", "bytes_used", "superblock_copy", "chunks"}
 ENTRY_REPAIRS = {"dangling", "dangling_item", "stale_ref", "orphan", "orphan_item"}
 COUNT_REPAIRS = {"nlink", "dirsize"}
 
@@ -220,10 +220,21 @@ def _repair_extents(volume, problems: list, result: FsckResult) -> None:
             result.repaired.append(f"rewrote superblock copy {fix[1]}")
     # bytes_used must equal the extent tree the commit starts from; the
     # commit then adds and subtracts the extents of this transaction.
-    total = sum(key[2] for key, _ in extent_tree.items() if key[1] == ondisk.EXTENT_ITEM)
+    total = 0
+    sums: dict[int, int] = {}
+    for key, _ in extent_tree.items():
+        if key[1] == ondisk.EXTENT_ITEM:
+            total += key[2]
+            add_to_chunks(sums, key[0], key[2])
     if total != volume.bytes_used:
         result.repaired.append(f"bytes_used in the superblock: {volume.bytes_used} -> {total}")
         volume.bytes_used = total
+    # CHUNK_ITEMs likewise; the commit adds this transaction's changes to them.
+    for chunk in sorted(set(sums) | set(volume.chunk_used)):
+        if sums.get(chunk, 0) != volume.chunk_used.get(chunk, 0):
+            result.repaired.append(f"bytes in use of chunk {chunk}: {volume.chunk_used.get(chunk, 0)} -> "
+                                   f"{sums.get(chunk, 0)}")
+            volume.set_chunk_used(chunk, sums.get(chunk, 0))
     # A commit writes the superblock copy that the next generation selects,
     # which is never the copy in use, even when no tree changed.
     volume.root_tree.changed = True

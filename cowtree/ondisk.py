@@ -60,19 +60,25 @@ EXTENT_DATA = 108
 ROOT_ITEM = 132
 ROOT_NAME = 136
 EXTENT_ITEM = 168
+CHUNK_ITEM = 192
 LAYER_ITEM = 200
 
 ITEM_TYPE_NAMES = {
     INODE_ITEM: "INODE_ITEM", INODE_REF: "INODE_REF", XATTR_ITEM: "XATTR_ITEM",
     ORPHAN_ITEM: "ORPHAN_ITEM", DIR_ITEM: "DIR_ITEM", DIR_INDEX: "DIR_INDEX",
     EXTENT_DATA: "EXTENT_DATA", ROOT_ITEM: "ROOT_ITEM", ROOT_NAME: "ROOT_NAME",
-    EXTENT_ITEM: "EXTENT_ITEM", LAYER_ITEM: "LAYER_ITEM",
+    EXTENT_ITEM: "EXTENT_ITEM", CHUNK_ITEM: "CHUNK_ITEM", LAYER_ITEM: "LAYER_ITEM",
 }
 
 # Object ids with a fixed meaning inside a filesystem tree.
 ROOT_DIR_INO = 256           # the root directory of every subvolume
 FIRST_FREE_INO = 257
 ORPHAN_OBJECTID = 0xFFFFFFFFFFFFFFFB  # key (ORPHAN_OBJECTID, ORPHAN_ITEM, ino)
+# Object id of the CHUNK_ITEMs in the root tree: key (CHUNK_OBJECTID, CHUNK_ITEM, chunk start).
+CHUNK_OBJECTID = 0xFFFFFFFFFFFFFFF0
+
+# Free space is tracked per chunk of this many bytes of address space.
+CHUNK_SIZE = 128 << 20
 
 MAX_KEY = (0xFFFFFFFFFFFFFFFF, 0xFF, 0xFFFFFFFFFFFFFFFF)
 MIN_KEY = (0, 0, 0)
@@ -219,6 +225,15 @@ LAYER_ITEM_S = Struct(
     "path_len" / Int16ul,
 )
 
+# CHUNK_ITEM, key (CHUNK_OBJECTID, CHUNK_ITEM, chunk start), in the root tree:
+# the bytes of EXTENT_ITEMs that lie in the chunk [start, start + CHUNK_SIZE),
+# an extent that crosses a chunk boundary counting in each chunk for its part.
+# It lets the allocator skip full chunks without reading their extent items.
+# A chunk without an item holds no extents.
+CHUNK_ITEM_S = Struct(
+    "used" / Int64ul,
+)
+
 # ---------------------------------------------------------------------------
 # Items of the extent tree
 
@@ -358,6 +373,7 @@ LEAF_ITEM_CODEC = codec(LEAF_ITEM)
 KEY_PTR_CODEC = codec(KEY_PTR)
 KEY_CODEC = codec(KEY)
 ROOT_ITEM_CODEC = codec(ROOT_ITEM_S)
+CHUNK_ITEM_CODEC = codec(CHUNK_ITEM_S)
 LAYER_ITEM_CODEC = codec(LAYER_ITEM_S)
 EXTENT_ITEM_CODEC = codec(EXTENT_ITEM_S)
 INODE_ITEM_CODEC = codec(INODE_ITEM_S)

@@ -170,7 +170,8 @@ class Volume:
         root_addr = ondisk.FIRST_ALLOC
         extent_addr = root_addr + nodesize
         extent_leaf = Node(extent_addr, 1, 0, ondisk.EXTENT_TREE_ID, [], [])
-        root_items = sorted(root_items)
+        chunk_key = (ondisk.CHUNK_OBJECTID, ondisk.CHUNK_ITEM, 0)
+        root_items = sorted(list(root_items) + [(chunk_key, ondisk.CHUNK_ITEM_CODEC.pack(2 * nodesize))])
         root_leaf = Node(root_addr, 1, 0, ondisk.ROOT_TREE_ID, [key for key, _ in root_items],
                          [bytes(data) for _, data in root_items])
         for addr, owner in ((root_addr, ondisk.ROOT_TREE_ID), (extent_addr, ondisk.EXTENT_TREE_ID)):
@@ -207,15 +208,64 @@ class Volume:
         self.data_buffer_start = 0
         self.data_buffer_len = 0
         self.reserve_ok = False                   # deletions may use the reserve
-        self.free = FreeSpace(self._scan_extents, ondisk.FIRST_ALLOC, sb.image_bytes, sb.size_limit, BLOCK)
         self.root_tree = Tree(self, ondisk.ROOT_TREE_ID, (sb.root_tree_addr, sb.root_tree_gen, 0),
                               sb.root_tree_level, name="root tree")
+        self.chunk_used = self._read_chunk_items()
+        self.chunk_delta: dict[int, int] = {}
+        self.free = FreeSpace(self._scan_extents, ondisk.FIRST_ALLOC, sb.image_bytes, sb.size_limit, BLOCK,
+                              self.chunk_used)
         self.extent_tree = Tree(self, ondisk.EXTENT_TREE_ID, (sb.extent_tree_addr, sb.extent_tree_gen, 0),
                                 sb.extent_tree_level, name="extent tree")
         self.trees: dict[int, Tree] = {}
         # Check the two roots now, so that a damaged image fails at open.
         self.root_tree.root()
         self.extent_tree.root()
+
+    def _read_chunk_items(self) -> dict[int, int]:
+        """Return the committed bytes in use per chunk index, from the CHUNK_ITEMs of the root tree."""
+        used = {}
+        lo = (ondisk.CHUNK_OBJECTID, ondisk.CHUNK_ITEM, 0)
+        hi = (ondisk.CHUNK_OBJECTID, ondisk.CHUNK_ITEM + 1, 0)
+        for key, data in self.root_tree.items(lo, hi):
+            if len(data) != ondisk.CHUNK_ITEM_CODEC.size or key[2] % ondisk.CHUNK_SIZE:
+                raise CorruptionError("item", f"root tree key {key}", "invalid CHUNK_ITEM",
+                                      f"{len(data)} bytes at {key[2]}", f"{ondisk.CHUNK_ITEM_CODEC.size} bytes "
+                                      f"at a multiple of {ondisk.CHUNK_SIZE}")
+            used[key[2] // ondisk.CHUNK_SIZE] = ondisk.CHUNK_ITEM_CODEC.unpack(data)[0]
+        return used
+
+    def _count_chunks(self, addr: int, length: int, sign: int) -> None:
+        """Add sign times the bytes of extent [addr, addr + length) to each chunk it lies in."""
+        size = ondisk.CHUNK_SIZE
+        end = addr + length
+        while addr < end:
+            chunk = addr // size
+            part = min(end, (chunk + 1) * size) - addr
+            self.chunk_delta[chunk] = self.chunk_delta.get(chunk, 0) + sign * part
+            addr += part
+
+    def set_chunk_used(self, chunk: int, used: int) -> None:
+        """Rewrite the CHUNK_ITEM of chunk index chunk to used bytes (fsck repair)."""
+        key = (ondisk.CHUNK_OBJECTID, ondisk.CHUNK_ITEM, chunk * ondisk.CHUNK_SIZE)
+        if used:
+            self.chunk_used[chunk] = used
+            self.root_tree.put(key, ondisk.CHUNK_ITEM_CODEC.pack(used))
+        else:
+            self.chunk_used.pop(chunk, None)
+            self.root_tree.delete(key)
+
+    def _write_chunk_items(self) -> None:
+        """Record the chunk deltas of the extents applied so far in CHUNK_ITEMs."""
+        deltas = self.chunk_delta
+        self.chunk_delta = {}
+        for chunk, delta in sorted(deltas.items()):
+            if not delta:
+                continue
+            used = self.chunk_used.get(chunk, 0) + delta
+            key = (ondisk.CHUNK_OBJECTID, ondisk.CHUNK_ITEM, chunk * ondisk.CHUNK_SIZE)
+            if used < 0:
+                raise CorruptionError("item", f"root tree key {key}", "chunk use below zero", used, ">= 0")
+            self.set_chunk_used(chunk, used)
 
     @property
     def reserve(self) -> int:
@@ -571,6 +621,10 @@ class Volume:
         # reach the disk before what it points to.
         self._flush_data()
         self._write_dirty_nodes()
+        if self.dev.size() < self.free.high_water:
+            # Blocks allocated at the end and freed unwritten leave the file
+            # short of the high-water mark; a shorter file reads as truncated.
+            self.dev.truncate(self.free.high_water)
         self._crash("before-flush")
         self.dev.flush()
         self._crash("before-superblock")
@@ -591,6 +645,7 @@ class Volume:
             self.free.release(addr, length)
         self.free.excluded = []
         self.pinned = []
+        self.free.new_transaction()
         self.sb = sb
         self.generation = transid
         self.transid = transid + 1
@@ -607,7 +662,12 @@ class Volume:
     def _run_delayed_refs(self) -> None:
         extent_tree = self.extent_tree
         rounds = 0
-        while self.refs:
+        while self.refs or self.chunk_delta:
+            if not self.refs:
+                # Recording chunk use may copy root tree nodes, which adds
+                # references for the next round.
+                self._write_chunk_items()
+                continue
             rounds += 1
             if rounds > 1000:
                 raise RuntimeError("delayed reference updates do not converge")
@@ -621,6 +681,7 @@ class Volume:
                     extent_tree.put((addr, ondisk.EXTENT_ITEM, ref.length),
                                     EXTENT.pack(ref.delta, ref.generation, ref.flags, ref.owner) + ref.csums)
                     self.bytes_used += ref.length
+                    self._count_chunks(addr, ref.length, +1)
                     continue
                 if not ref.delta:
                     continue
@@ -636,6 +697,7 @@ class Volume:
                 if refs == 0:
                     extent_tree.delete(key)
                     self.bytes_used -= ref.length
+                    self._count_chunks(addr, ref.length, -1)
                     self.csum_cache.pop(addr, None)
                     if addr in self.fresh:
                         self.fresh.discard(addr)

@@ -149,6 +149,14 @@ def record_workload(tmp_path, rng: random.Random, nodesize: int, commits: int, o
 # -- replaying ----------------------------------------------------------------------
 
 
+def resize(image: bytearray, size: int) -> None:
+    """Apply a recorded truncate: cut the image or extend it with zeros."""
+    if size < len(image):
+        del image[size:]
+    else:
+        image.extend(bytes(size - len(image)))
+
+
 def apply_write(image: bytearray, offset: int, data: bytes) -> None:
     end = offset + len(data)
     if end > len(image):
@@ -188,6 +196,8 @@ def test_every_prefix_opens_at_a_commit(recorded, tmp_path):
     image = bytearray(recorded.start)
     checked = 0
     for index, piece in enumerate(recorded.pieces):
+        if piece[0] == "truncate":
+            resize(image, piece[1])
         if piece[0] != "write":
             continue
         apply_write(image, piece[1], piece[2])
@@ -207,6 +217,8 @@ def test_torn_superblock_falls_back(recorded, tmp_path):
     generation = min(recorded.generations)
     torn_cases = 0
     for index, piece in enumerate(recorded.pieces):
+        if piece[0] == "truncate":
+            resize(image, piece[1])
         if piece[0] != "write":
             continue
         new_generation = recorded.superblock_generation(piece)
@@ -231,6 +243,11 @@ def test_lost_and_reordered_writes_since_last_flush(recorded, tmp_path, rng):
     generation = min(recorded.generations)
     trials = 0
     for piece in recorded.pieces + [("flush",)]:
+        if piece[0] == "truncate":
+            # An empty write at the new size extends the file as the truncate
+            # did; like a write, the next flush makes it durable.
+            window.append(("write", piece[1], b""))
+            continue
         if piece[0] == "write":
             window.append(piece)
             continue
@@ -389,6 +406,8 @@ def test_abort_after_superblock_written_then_power_loss(tmp_path, rng):
     image = bytearray(start)
     expected = before
     for index, piece in enumerate(pieces):
+        if piece[0] == "truncate":
+            resize(image, piece[1])
         if piece[0] != "write":
             continue
         apply_write(image, piece[1], piece[2])
