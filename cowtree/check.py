@@ -80,6 +80,9 @@ class Report:
     items: int = 0
     subvolumes: int = 0
     exact_passes: int = 0     # subvolumes whose sums did not cancel and were read item by item
+    # Nodes that could not be read: what lies below them was not counted, so
+    # reference counts, leaks and missing inodes found are unreliable.
+    unread_nodes: int = 0
 
     def add(self, *args, **kwargs) -> None:
         self.problems.append(Problem(*args, **kwargs))
@@ -365,15 +368,18 @@ class _Walker:
         elif addr % BLOCK or addr < ondisk.FIRST_ALLOC:
             self.report.add("node", where, "block pointer to an address no node can have", addr,
                             f"a multiple of 4096 at or above {ondisk.FIRST_ALLOC}")
+            self.report.unread_nodes += 1
             return None
         elif addr + self.vol.nodesize > self.image_end:
             self.report.add("node", where, "lies past the end of the image", addr + self.vol.nodesize,
                             f"<= {self.image_end}")
+            self.report.unread_nodes += 1
             return None
         try:
             node = self.vol.read_node(ptr, level, tree)
         except CorruptionError as exc:
             self.report.add_corruption(exc, f" (path {path_text})")
+            self.report.unread_nodes += 1
             return None
         self.report.nodes += 1
         if self.progress is not None and self.report.nodes % 256 == 0:

@@ -31,6 +31,8 @@ def mkfs(path: str, size_limit: int = 0, nodesize: int = ondisk.DEFAULT_NODE_SIZ
                          f"{ondisk.FIRST_ALLOC + 64 * nodesize + (1 << 20)} bytes are needed")
     if len(label.encode()) > 64:
         raise ValueError("label is longer than 64 bytes")
+    if base is not None:
+        _check_base(path, base)
     exists = os.path.exists(path)
     if exists and not force:
         if os.path.isdir(path):
@@ -56,6 +58,26 @@ def mkfs(path: str, size_limit: int = 0, nodesize: int = ondisk.DEFAULT_NODE_SIZ
         dev.close()
         raise
     return volume
+
+
+def _check_base(path: str, base: str) -> None:
+    """Raise unless base is an image that can carry an overlay at path.
+
+    Runs before mkfs touches path, so that a bad --base loses nothing even
+    with --force.
+    """
+    from .errors import InvalidArgument
+    target = os.path.realpath(path)
+    if os.path.realpath(base) == target:
+        raise InvalidArgument(f"{path}: an image cannot be its own base")
+    volume = open_image(base, writable=False)
+    try:
+        for layer in volume.layers:
+            if os.path.realpath(layer.path) == target:
+                raise InvalidArgument(f"{path}: is already in the chain below {base}; "
+                                      f"making it an overlay would put it below itself")
+    finally:
+        volume.close()
 
 
 def open_image(path: str, writable: bool = False, base: str | None = None, **kwargs) -> Volume:

@@ -43,8 +43,8 @@ FE_LAYER_OFFSET = FE_REG.size - 2   # the layer is the last field of a regular e
 # A cache key of a base image's node: its address with the layer in the top bits.
 LAYER_SHIFT = 56
 
-DEFAULT_CACHE_BYTES = 64 << 20
-DEFAULT_DIRTY_BYTES = 64 << 20
+DEFAULT_CACHE_BYTES = 96 << 20
+DEFAULT_DIRTY_BYTES = 96 << 20
 DATA_BUFFER_BYTES = 8 << 20
 
 
