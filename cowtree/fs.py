@@ -791,9 +791,11 @@ class FileSystem:
             tail = self.read(ino, end, stop - end)
         if head or tail:
             data = b"".join((head, bytes(data), tail))
+        # Data first: when it finds no space, nothing has changed yet.
+        pieces = self.vol.write_data(data, self.tree_id)
         self._punch(inode, start, stop)
         position = start
-        for addr, disk_len, data_len in self.vol.write_data(data, self.tree_id):
+        for addr, disk_len, data_len in pieces:
             num_bytes = round_up(data_len)
             extent = FileExtent(position, self.vol.transid, REGULAR, addr, disk_len, 0, num_bytes, 0)
             self.tree.put((ino, EXTENT_DATA, position), extent.encode())

@@ -97,12 +97,15 @@ def _fuse_operation(mutating: bool):
     def wrap(body):
         @functools.wraps(body)
         async def handler(self, *args):
+            before = self.vol.changes
             try:
                 return body(self, *args)
             except pyfuse3.FUSEError:
                 raise
             except BaseException as exc:   # noqa: B902 - every error must become an errno reply
-                raise pyfuse3.FUSEError(self.errno_of(body.__name__, args, exc, mutating)) from None
+                # A request that failed before changing anything has nothing to undo.
+                changed = mutating and self.vol.changes != before
+                raise pyfuse3.FUSEError(self.errno_of(body.__name__, args, exc, changed)) from None
         return handler
     return wrap
 

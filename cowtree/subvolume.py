@@ -111,7 +111,8 @@ def open_filesystem(volume, name: bytes | str | None = None) -> FileSystem:
 def _next_id(volume) -> int:
     highest = ondisk.FIRST_SUBVOL_ID - 1
     for key, _ in volume.root_tree.items((ondisk.FIRST_SUBVOL_ID, 0, 0)):
-        highest = max(highest, key[0])
+        if key[1] == ROOT_ITEM:
+            highest = max(highest, key[0])
     for tree_id in volume.trees:
         highest = max(highest, tree_id)
     return highest + 1

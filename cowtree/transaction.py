@@ -207,7 +207,9 @@ class Volume:
         self.data_buffer: list = []
         self.data_buffer_start = 0
         self.data_buffer_len = 0
-        self.reserve_ok = False                   # deletions may use the reserve
+        # Counts the changes made to the running transaction, so that a caller
+        # can tell whether a failed operation left anything to undo.
+        self.changes = 0
         self.root_tree = Tree(self, ondisk.ROOT_TREE_ID, (sb.root_tree_addr, sb.root_tree_gen, 0),
                               sb.root_tree_level, name="root tree")
         self.chunk_used = self._read_chunk_items()
@@ -400,6 +402,7 @@ class Volume:
         dirty again.  The addresses are new in this transaction, so writing
         them before the commit overwrites nothing the last commit reaches.
         """
+        self.changes += 1
         if len(self.dirty) > self.dirty_limit:
             self._flush_data()
             self._write_dirty_nodes()
@@ -457,6 +460,7 @@ class Volume:
 
     def add_ref(self, addr: int, length: int, delta: int) -> None:
         """Record a pending change of delta to the count of extent (addr, length)."""
+        self.changes += 1
         ref = self.refs.get(addr)
         if ref is None:
             self.refs[addr] = DelayedRef(length, delta)
@@ -491,7 +495,11 @@ class Volume:
     # -- allocation ------------------------------------------------------------
 
     def _allocate(self, length: int, minimum: int | None = None) -> int | tuple:
-        addr, got = self.free.allocate(length, 0 if self.reserve_ok else self.reserve, minimum)
+        # Data (minimum given) leaves the whole reserve unused, nodes half of
+        # it: once data no longer fits, the metadata changes of deletions and
+        # of the operation under way still do.
+        reserve = self.reserve if minimum is not None else self.reserve // 2
+        addr, got = self.free.allocate(length, reserve, minimum)
         self.fresh.add(addr)
         if minimum is None:
             return addr
@@ -507,9 +515,22 @@ class Volume:
         image grows, so one write may land in several extents.
         """
         self.check_writable()
-        view = memoryview(data)
-        total = len(view)
         out = []
+        try:
+            self._write_pieces(memoryview(data), owner, out)
+        except BaseException:
+            # Give back the extents of this call, so that a failed write
+            # (no space) leaves the transaction as it was.
+            for addr, _, _ in out:
+                ref = self.refs.pop(addr)
+                self.fresh.discard(addr)
+                self.free.release(addr, ref.length)
+            raise
+        self.changes += 1
+        return out
+
+    def _write_pieces(self, view, owner: int, out: list) -> None:
+        total = len(view)
         pos = 0
         while pos < total:
             want = min(total - pos, self.max_extent)
@@ -526,7 +547,6 @@ class Volume:
             self.refs[addr] = DelayedRef(got, 1, True, ondisk.EXTENT_FLAG_DATA, owner, bytes(csums), self.transid)
             out.append((addr, got, piece_len))
             pos += piece_len
-        return out
 
     def _buffer_data(self, addr: int, piece) -> None:
         if self.data_buffer and addr != self.data_buffer_start + self.data_buffer_len:

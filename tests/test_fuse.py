@@ -795,3 +795,25 @@ def test_cli_mount_returns_when_ready(tmp_path):
     missing = cowtree_cli("mount", f"{image}@nosuch", mountpoint)
     assert missing.returncode == 1
     assert "snapshot 'nosuch' not found" in missing.stderr
+
+
+def test_enospc_fails_only_that_write(mount_image, tmp_path):
+    """A write that finds no space fails alone: earlier uncommitted files stay, the mount stays writable."""
+    mkfs(str(tmp_path / "small.img"), size_limit=8 << 20).close()
+    mounted = mount_image("small.img", create=False, commit_interval=600)
+    write_file(mounted.path("keep"), b"written before the image filled up")
+    with pytest.raises(OSError) as caught:
+        with open(mounted.path("big"), "wb") as handle:
+            for _ in range(32):
+                handle.write(os.urandom(1 << 20))
+                handle.flush()
+    assert caught.value.errno == errno.ENOSPC
+    assert read_file(mounted.path("keep")) == b"written before the image filled up"
+    os.unlink(mounted.path("big"))
+    write_file(mounted.path("after"), b"still writable")
+    assert mounted.unmount() == 0
+    volume = assert_image_clean(str(tmp_path / "small.img"))
+    fs = live(volume)
+    assert fs.read(fs.resolve(b"/keep"), 0, 100) == b"written before the image filled up"
+    assert fs.read(fs.resolve(b"/after"), 0, 100) == b"still writable"
+    volume.close()

@@ -94,7 +94,8 @@ def test_change_after_snapshot_copies_one_path(make_image):
 def test_snapshot_is_read_only(make_image):
     _, volume, fs = make_image()
     fill(fs, 3)
-    sv.create_snapshot(volume, b"ro")
+    sub = sv.create_snapshot(volume, b"ro")
+    assert sub.tree_id == ondisk.FIRST_SUBVOL_ID
     snap = sv.open_filesystem(volume, b"ro")
     with pytest.raises(ReadOnly, match="Read-only file system"):
         snap.write(snap.resolve(b"/f00000"), 0, b"x")
