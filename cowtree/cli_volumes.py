@@ -193,19 +193,23 @@ def du(as_json: bool, operands: tuple) -> None:
 
 
 @click.command("commit")
+@click.option("--force", is_flag=True,
+              help="Commit even when other overlays found beside the base or the overlay depend on them.")
 @click.argument("overlay", type=click.Path(dir_okay=False))
-def commit_overlay(overlay: str) -> None:
+def commit_overlay(force: bool, overlay: str) -> None:
     """Merge the changes of overlay image OVERLAY down into its base image.
 
     The overlay is then empty again, on the updated base.  Other overlays
-    made on the same base are refused from then on, since the base they were
-    made on has changed (as with qemu-img commit); the base must not be open
+    made on the same base, and overlays made on OVERLAY, are refused from
+    then on, since the image below them has changed (as with qemu-img
+    commit).  Without --force, finding any of them in the directory of the
+    base or of the overlay stops the commit.  The base must not be open
     elsewhere.
     """
     from . import layers
     from .operands import CommandError
     try:
-        base, changed = layers.commit_to_base(overlay)
+        base, changed = layers.commit_to_base(overlay, force)
     except OSError as exc:
         raise CommandError("cannot commit", overlay, exc) from exc
     log.info("committed %d changed items of %s into %s", changed, overlay, base)

@@ -23,7 +23,7 @@ import os
 
 from . import ondisk
 from .btree import Tree
-from .errors import CowtreeError, InvalidArgument
+from .errors import CowtreeError, ImageInUseError, InvalidArgument
 from .fs import FileExtent
 from .transaction import Volume
 
@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 LAYER_KEY = (0, ondisk.LAYER_ITEM, 1)
 LAYER = ondisk.LAYER_ITEM_CODEC
 MAX_CHAIN = 64
+MAX_SCAN = 4096     # directory entries looked at for dependent overlays
 BASE_CACHE_BYTES = 16 << 20
 
 
@@ -313,12 +314,55 @@ def convert(volume: Volume, out_path: str, force: bool = False) -> Volume:
     return out
 
 
-def commit_to_base(path: str) -> tuple[str, int]:
+def dependent_overlays(images: list, directories: list, skip: list) -> list[str]:
+    """Return the image files in directories whose direct base is one of images (open Volumes).
+
+    Such overlays are refused once their base changes.  Files in skip, and
+    files that are not cowtree images, are passed over; an image another
+    process is writing is listed, since it may be one.
+    """
+    uuids = {image.uuid for image in images}
+    skipped = {os.path.realpath(name) for name in skip}
+    found = []
+    for directory in dict.fromkeys(os.path.realpath(d) for d in directories):
+        try:
+            names = sorted(os.listdir(directory))[:MAX_SCAN]
+        except OSError:
+            continue
+        for name in names:
+            candidate = os.path.join(directory, name)
+            if candidate in skipped or not os.path.isfile(candidate):
+                continue
+            try:
+                with open(candidate, "rb") as handle:
+                    if handle.read(len(ondisk.MAGIC)) != ondisk.MAGIC:
+                        continue
+                volume = Volume.open(candidate, writable=False, cache_bytes=BASE_CACHE_BYTES)
+            except CowtreeError as exc:
+                if isinstance(exc, ImageInUseError):
+                    found.append(candidate)
+                continue
+            except OSError:
+                continue
+            try:
+                record = layer_record(volume)
+            except CowtreeError:
+                record = None
+            finally:
+                volume.close()
+            if record is not None and record.uuid in uuids:
+                found.append(candidate)
+    return found
+
+
+def commit_to_base(path: str, force: bool = False) -> tuple[str, int]:
     """Merge an overlay's live filesystem into its direct base; return (base path, items changed).
 
     The overlay is then made anew on the updated base, empty.  Other
-    overlays made on the same base are refused from then on, because the
-    base's generation changed under them.
+    overlays made on the same base, and overlays made on this one, are
+    refused from then on, because the image below them changed: without
+    force, finding any of them in the directories of the base and the
+    overlay stops the commit.
     """
     from .image import open_image
     overlay = open_image(path, writable=True)
@@ -326,10 +370,19 @@ def commit_to_base(path: str) -> tuple[str, int]:
         record = layer_record(overlay)
         if record is None:
             raise InvalidArgument(f"{path}: not an overlay, nothing to commit")
+        base_file = base_path(overlay, record)
+        others = dependent_overlays([overlay, overlay.layers[1]], [os.path.dirname(os.path.abspath(path)),
+                                    os.path.dirname(base_file)], [path, base_file])
+        if others and not force:
+            raise InvalidArgument(
+                f"{path}: other overlays depend on {base_file} or on {path} and would be refused after the "
+                f"commit: {', '.join(others)}; use --force to commit anyway")
+        if others:
+            log.warning("committing %s into %s; these overlays will be refused from now on: %s", path,
+                        base_file, ", ".join(others))
         from .subvolume import list_subvolumes
         if len(list_subvolumes(overlay, include_deleting=True)) > 1:
             raise InvalidArgument(f"{path}: overlay has snapshots; delete them before committing it")
-        base_file = base_path(overlay, record)
         label = overlay.sb.label.decode("utf-8", "replace")
         # The base is opened a second time, for writing.  The overlay's
         # read-only view gives up its shared lock for that, and stays valid:
