@@ -333,6 +333,7 @@ class _Walker:
         self.node_refs: Counter = Counter()      # address -> pointers from distinct nodes and roots
         self.data_refs: Counter = Counter()      # data extent address -> items in distinct leaves
         self.data_lengths: dict[int, set] = defaultdict(set)
+        self.base_data: set = set()    # (layer, address, length) of base data extents the files use
         self.scanner = _LeafScanner(ondisk.inline_max(volume.nodesize), report_unknown)
         self.generation = volume.generation
         self.image_end = volume.free.high_water
@@ -424,6 +425,8 @@ class _Walker:
                 if extent.kind == ondisk.FILE_EXTENT_REGULAR and extent.layer == 0:
                     self.data_refs[extent.disk_addr] += 1
                     self.data_lengths[extent.disk_addr].add(extent.disk_len)
+                elif extent.kind == ondisk.FILE_EXTENT_REGULAR:
+                    self.base_data.add((extent.layer, extent.disk_addr, extent.disk_len))
         if not self.files:
             return None
         summary = self.scanner.scan(node, where, self.report.problems)
@@ -457,6 +460,7 @@ def check_volume(volume, check_files: bool = True, check_data: bool = False, pro
             _check_subvolume_files(volume, tree, summary, walker, report)
     extents = _check_extents(volume, walker, report)
     if check_data:
+        _check_base_data(volume, sorted(walker.base_data), report)
         _check_data(volume, extents, report, progress)
     return report
 
@@ -628,6 +632,23 @@ def _check_data(volume, extents: list, report: Report, progress=None) -> None:
                     report.add("data block", where, "checksum mismatch", f"{computed:#010x}", f"{stored:#010x}")
         if progress is not None:
             progress(report)
+
+
+def _check_base_data(volume, extents: list, report: Report) -> None:
+    """Read the base images' data extents that this image's files use, checking each block."""
+    for layer, addr, length in extents:
+        base = volume.layers[layer] if layer < len(volume.layers) else None
+        if base is None:
+            report.add("file extent", f"pointing at extent {addr}+{length}", "names a base layer the image lacks",
+                       layer, f"< {len(volume.layers)}")
+            continue
+        for start in range(0, length, DATA_READ_BYTES):
+            size = min(DATA_READ_BYTES, length - start)
+            try:
+                base.read_data(addr, 0, start, size)
+                report.data_blocks_checked += size // BLOCK
+            except CorruptionError as exc:
+                report.add(exc.what, f"{exc.where} of base image {base.path}", exc.why, exc.found, exc.expected)
 
 
 # ---------------------------------------------------------------------------

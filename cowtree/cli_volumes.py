@@ -130,6 +130,16 @@ def snapshot_delete(image: str, names: tuple) -> None:
 
     with Session() as session:
         volume = session.open(image, writable=True).volume
+        # Every name is looked up before anything is deleted, so that a typo
+        # deletes nothing.
+        for name in names:
+            try:
+                sub = subvolume.find(volume, _name(name))
+            except OSError as exc:
+                raise CommandError("cannot delete snapshot", f"{image}@{name}", exc) from exc
+            if sub.tree_id == subvolume.LIVE:
+                raise CommandError(None, image, message=f"cannot delete snapshot '{image}@{name}': "
+                                                        f"invalid snapshot name")
         for name in names:
             try:
                 subvolume.delete_subvolume(volume, _name(name), progress)

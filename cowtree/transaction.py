@@ -341,7 +341,13 @@ class Volume:
         if layer >= len(self.layers):
             raise CorruptionError("block pointer", f"to block {addr} in {tree.name}",
                                   "names a base layer this image does not have", layer, f"< {len(self.layers)}")
-        node = rebase_node(self.layers[layer].read_node((addr, gen, 0), level, tree), layer)
+        base = self.layers[layer]
+        try:
+            node = rebase_node(base.read_node((addr, gen, 0), level, tree), layer)
+        except CorruptionError as exc:
+            exc.where += f" of base image {base.path}"
+            exc.args = (exc._message(),)
+            raise
         self._cache_put(node, key)
         return node
 
@@ -588,7 +594,13 @@ class Volume:
             if layer >= len(self.layers):
                 raise CorruptionError("file extent", context.strip(" ()") or f"data at {addr}",
                                       "names a base layer this image does not have", layer, f"< {len(self.layers)}")
-            return self.layers[layer].read_data(addr, 0, offset, length, context)
+            base = self.layers[layer]
+            try:
+                return base.read_data(addr, 0, offset, length, context)
+            except CorruptionError as exc:
+                exc.where += f" of base image {base.path}"
+                exc.args = (exc._message(),)
+                raise
         self._flush_data()
         first = offset - offset % BLOCK
         last = -(-(offset + length) // BLOCK) * BLOCK

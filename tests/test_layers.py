@@ -326,3 +326,45 @@ def test_every_command_on_a_deep_chain(tmp_path, base_image):
     for index, (top, standalone) in enumerate(zip(outputs[previous], outputs["standalone.img"])):
         assert top == standalone, (index, top[:300], standalone[:300])
     assert sha256(tmp_path / "base.img") == digest
+
+
+def test_commit_refuses_with_dependent_overlays(tmp_path, base_image):
+    base, _ = base_image
+    top = overlay(tmp_path, base, "top.img")
+    sibling = overlay(tmp_path, base, "sibling.img")
+    volume = open_image(top, writable=True)
+    live(volume).mkdir(ROOT, b"from-top")
+    volume.commit()
+    volume.close()
+    with pytest.raises(OSError, match="sibling.img"):
+        layers.commit_to_base(top)
+    check = open_image(base)
+    with pytest.raises(NotFound):
+        live(check).resolve(b"/from-top")
+    check.close()
+    layers.commit_to_base(top, force=True)
+    check = open_image(base)
+    live(check).resolve(b"/from-top")
+    check.close()
+    with pytest.raises(layers.BaseImageError):
+        open_image(sibling)
+
+
+def test_fsck_data_reads_base_blocks(tmp_path, base_image):
+    """A damaged base data block shows in the overlay's data check, naming the base file."""
+    base, _ = base_image
+    top = overlay(tmp_path, base)
+    volume = open_image(base)
+    fs = live(volume)
+    extent = next(fs.extents(fs.resolve(b"/blocks.bin")))
+    volume.close()
+    with open(base, "r+b") as handle:
+        handle.seek(extent.disk_addr + 100)
+        byte = handle.read(1)
+        handle.seek(extent.disk_addr + 100)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+    volume = open_image(top)
+    report = check_volume(volume, check_data=True)
+    volume.close()
+    problems = [str(p) for p in report.problems]
+    assert any("checksum mismatch" in p and "base.img" in p for p in problems), problems
