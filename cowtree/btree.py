@@ -87,7 +87,13 @@ class Tree:
 
     def get(self, key):
         """Return the data of the item with this key, or None."""
-        leaf = self._leaf_for(key)[0]
+        # The descent of _leaf_for without its range bookkeeping: point
+        # look-ups are the hottest path of the engine.
+        read_node = self.store.read_node
+        leaf = read_node(self.root_ptr, self.level, self)
+        while leaf.level:
+            slot = bisect_right(leaf.keys, key) - 1
+            leaf = read_node(leaf.vals[slot if slot > 0 else 0], leaf.level - 1, self)
         keys = leaf.keys
         slot = bisect_left(keys, key)
         if slot < len(keys) and keys[slot] == key:
