@@ -2,7 +2,7 @@
 
 The extent tree is the only persistent record of allocation: an address is
 free when no EXTENT_ITEM covers it.  :class:`FreeSpace` derives free runs
-from it lazily, one 128 MiB chunk at a time, lowest first, when the chunks
+from it lazily, one 32 MiB chunk at a time, lowest first, when the chunks
 loaded so far have no gap that fits.  Opening an image reads no extent
 items at all, and a transaction loads at most one chunk before it grows
 the image instead.  Everything at or above the image's high-water mark is
@@ -31,7 +31,7 @@ from .errors import NoSpaceError
 log = logging.getLogger(__name__)
 
 # Free space is read from the extent tree in chunks of this many bytes of
-# address space: at most 32,768 extents of one 4 KiB block each.
+# address space: at most 8,192 extents of one 4 KiB block each.
 CHUNK = ondisk.CHUNK_SIZE
 # A transaction loads at most this many chunks before it grows the image.
 LOADS_PER_TRANSACTION = 4
