@@ -413,7 +413,7 @@ def commit_to_base(path: str, force: bool = False) -> tuple[str, int]:
 
 
 def rebase(path: str, new_base: str) -> int:
-    """Move an overlay onto new_base, keeping its content; return the items it now holds apart.
+    """Move an overlay onto new_base, keeping its content; return the number of items it keeps.
 
     new_base should hold (nearly) the content of the old base: only items
     that differ from it are kept in the overlay.

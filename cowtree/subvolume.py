@@ -39,7 +39,7 @@ DROP_BATCH = 2000   # nodes freed per commit while dropping a subvolume
 
 @dataclasses.dataclass
 class Subvolume:
-    """What the root tree records about one subvolume."""
+    """The root tree's record of one subvolume: its tree id, name and ROOT_ITEM."""
 
     tree_id: int
     name: bytes
@@ -229,7 +229,7 @@ class _Dropper:
     def visit(self, ptr, level, fresh: bool) -> bool:
         """Drop the subtree at ptr from self.start on; return False when the budget ran out.
 
-        ``fresh`` says that every key below ptr is at or after the start
+        ``fresh`` means that every key below ptr is at or after the start
         key, so no earlier step touched this subtree.  Only such a subtree
         may be shared: a partly dropped one was found unshared and descended.
         """
