@@ -243,12 +243,12 @@ def mkdir(operands: list[str], parents: bool, mode: int | None) -> None:
 def _make_parents(fs, path: bytes, mode: int) -> None:
     """Create path and any missing parents; an existing directory is fine."""
     current = ondisk.ROOT_DIR_INO
-    walked = b""
     names = [part for part in path.split(b"/") if part and part != b"."]
     for index, name in enumerate(names):
-        walked += b"/" + name
+        # Each step resolves one name from the directory reached so far, so
+        # a deep path costs one look-up per level.
         try:
-            current = fs.resolve(walked)
+            current = fs.resolve(name, cwd=current)
         except FileNotFoundError:
             current = fs.mkdir(current, name, mode, os.getuid(), os.getgid()).ino
             continue
