@@ -212,18 +212,7 @@ class Tree:
         store = self.store
         right = store.new_node(child.level, self)
         keys = child.keys
-        if child.level == 0:
-            half = child.used // 2
-            total = 0
-            cut = 0
-            vals = child.vals
-            for cut in range(len(keys)):
-                total += ITEM_SIZE + len(vals[cut])
-                if total >= half:
-                    break
-            cut = max(1, min(cut + 1, len(keys) - 1))
-        else:
-            cut = len(keys) // 2
+        cut = _middle(child.level, keys, child.vals, child.used)
         right.keys = keys[cut:]
         right.vals = child.vals[cut:]
         del child.keys[cut:]
@@ -297,17 +286,7 @@ class Tree:
             return left
         keys = left.keys + right.keys
         vals = left.vals + right.vals
-        if level == 0:
-            half = (left.used + right.used) // 2
-            total = 0
-            cut = 0
-            for cut in range(len(keys)):
-                total += ITEM_SIZE + len(vals[cut])
-                if total >= half:
-                    break
-            cut = max(1, min(cut + 1, len(keys) - 1))
-        else:
-            cut = len(keys) // 2
+        cut = _middle(level, keys, vals, left.used + right.used)
         left.keys, left.vals = keys[:cut], vals[:cut]
         right.keys, right.vals = keys[cut:], vals[cut:]
         _recount(left)
@@ -326,6 +305,23 @@ class Tree:
             store.discard(root)
             self.root_ptr = child_ptr
             self.level -= 1
+
+
+def _middle(level: int, keys: list, vals: list, used: int) -> int:
+    """Return where to cut a node's items in two: half the bytes for a leaf, half the pointers otherwise.
+
+    Both halves keep at least one item.
+    """
+    if level:
+        return len(keys) // 2
+    half = used // 2
+    total = 0
+    cut = 0
+    for cut in range(len(keys)):
+        total += ITEM_SIZE + len(vals[cut])
+        if total >= half:
+            break
+    return max(1, min(cut + 1, len(keys) - 1))
 
 
 def _recount(node: Node) -> None:
