@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 # Free space is read from the extent tree in chunks of this many bytes of
 # address space: at most 8,192 extents of one 4 KiB block each.
 CHUNK = ondisk.CHUNK_SIZE
-# A transaction loads at most this many chunks before it grows the image.
+# A transaction loads at most this many chunks that give no usable room
+# before it grows the image.
 LOADS_PER_TRANSACTION = 4
 
 
@@ -65,9 +66,10 @@ class FreeSpace:
         self.scan_limit = high_water
         self.excluded: list[tuple[int, int]] = []  # pinned runs, kept out of chunk loads
         self.cursor = first_alloc
-        # A transaction reads the extent items of at most this many chunks;
-        # past that it grows the image instead, so that no single command on
-        # a large image pays for a scan of its whole extent tree.
+        # A transaction reads at most this many chunks that turn out to have
+        # no usable room; past that it grows the image instead, so that no
+        # single command on a large image pays for a scan of its whole
+        # extent tree.
         self.load_budget = LOADS_PER_TRANSACTION
 
     # -- loading ---------------------------------------------------------
@@ -174,13 +176,17 @@ class FreeSpace:
             found = self._find(length, minimum)
             if found is not None:
                 return found
-            # Load a chunk that CHUNK_ITEMs say has room, at most load_budget
-            # per transaction (see __init__) unless the image cannot grow.
-            if self.unloaded and (self.load_budget > 0 or not self._can_grow(length, minimum, reserve)):
-                self.load_budget -= 1
-                if self._load_chunk_with_room(minimum):
-                    continue
-            break
+            # Load a chunk that CHUNK_ITEMs say has room.  A load that gives
+            # nothing usable (the room was pinned or in small pieces) counts
+            # against load_budget (see __init__), unless the image cannot grow.
+            if not self.unloaded or (self.load_budget <= 0 and self._can_grow(length, minimum, reserve)):
+                break
+            if not self._load_chunk_with_room(minimum):
+                break
+            found = self._find(length, minimum)
+            if found is not None:
+                return found
+            self.load_budget -= 1
         addr = self.high_water
         limit = self.size_limit
         if limit and addr + length > limit - reserve:

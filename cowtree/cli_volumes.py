@@ -128,6 +128,7 @@ def snapshot_delete(image: str, names: tuple) -> None:
             if done:
                 sys.stderr.write("\n")
 
+    names = tuple(dict.fromkeys(names))   # a name given twice is deleted once
     with Session() as session:
         volume = session.open(image, writable=True).volume
         # Every name is looked up before anything is deleted, so that a typo
@@ -259,8 +260,15 @@ def convert(force: bool, image: str, output: str) -> None:
     from .session import Session
     if os.path.exists(output) and os.path.getsize(output) > 0 and not force:
         raise CommandError(None, output, message=f"{output}: file exists and is not empty; use --force to overwrite it")
+    from .image import same_file_key
     with Session() as session:
         volume = session.open(image, writable=False).volume
+        target = same_file_key(output)
+        for layer in volume.layers:
+            st = layer.dev.stat()
+            if (st.st_dev, st.st_ino) == target:
+                raise CommandError(None, output, message=f"cannot convert '{image}' into '{output}': "
+                                                         f"'{output}' is {image} or one of its base images")
         try:
             layers.convert(volume, output, force=True).close()
         except OSError as exc:

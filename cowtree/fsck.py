@@ -159,16 +159,18 @@ def _check_open(volume, result: FsckResult, data: bool, progress) -> list:
 def repair_image(path: str, data: bool = True, progress=None) -> FsckResult:
     """Check the image at path and repair what can be repaired safely."""
     result = check_image(path, data, progress)
-    if not any(p.repair for p in result.found):
-        return result
     if result.report is not None and result.report.unread_nodes:
         # Below an unreadable node nothing was counted: its blocks would look
         # leaked, shared extents would look overcounted and its inodes
         # missing, and "repairing" that would free and unlink live data.
-        result.repair_failed = (f"{result.report.unread_nodes} nodes could not be read, so the counts "
-                                f"are incomplete; nothing was repaired (repairing would free the blocks "
-                                f"and unlink the files below them)")
+        count = result.report.unread_nodes
+        result.repair_failed = (f"{count} {'node' if count == 1 else 'nodes'} could not be read, so the "
+                                f"counts are incomplete; nothing was repaired (repairing would free the "
+                                f"blocks and unlink the files below them, and a damaged node's content "
+                                f"cannot be rebuilt)")
         log.error("%s: %s", path, result.repair_failed)
+        return result
+    if not any(p.repair for p in result.found):
         return result
     volume = _open(path, True)
     volume.strict = False   # the self-check after each commit would raise on the problems not fixed yet

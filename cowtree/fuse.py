@@ -99,7 +99,17 @@ def _fuse_operation(mutating: bool):
         async def handler(self, *args):
             before = self.vol.changes
             try:
-                return body(self, *args)
+                try:
+                    return body(self, *args)
+                except NoSpaceError:
+                    # Space freed in the running transaction is free only once
+                    # it is committed, so commit and try once more, as Btrfs
+                    # does, when the request itself changed nothing.
+                    if not mutating or self.vol.changes != before or not self.vol.has_changes():
+                        raise
+                    self.vol.commit()
+                    before = self.vol.changes
+                    return body(self, *args)
             except pyfuse3.FUSEError:
                 raise
             except BaseException as exc:   # noqa: B902 - every error must become an errno reply

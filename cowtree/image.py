@@ -32,7 +32,7 @@ def mkfs(path: str, size_limit: int = 0, nodesize: int = ondisk.DEFAULT_NODE_SIZ
     if len(label.encode()) > 64:
         raise ValueError("label is longer than 64 bytes")
     if base is not None:
-        _check_base(path, base)
+        check_base(path, base)
     exists = os.path.exists(path)
     if exists and not force:
         if os.path.isdir(path):
@@ -60,24 +60,34 @@ def mkfs(path: str, size_limit: int = 0, nodesize: int = ondisk.DEFAULT_NODE_SIZ
     return volume
 
 
-def _check_base(path: str, base: str) -> None:
+def check_base(path: str, base: str) -> None:
     """Raise unless base is an image that can carry an overlay at path.
 
     Runs before mkfs touches path, so that a bad --base loses nothing even
     with --force.
     """
     from .errors import InvalidArgument
-    target = os.path.realpath(path)
-    if os.path.realpath(base) == target:
+    target = same_file_key(path)
+    if target is not None and same_file_key(base) == target:
         raise InvalidArgument(f"{path}: an image cannot be its own base")
     volume = open_image(base, writable=False)
     try:
         for layer in volume.layers:
-            if os.path.realpath(layer.path) == target:
+            st = layer.dev.stat()
+            if (st.st_dev, st.st_ino) == target:
                 raise InvalidArgument(f"{path}: is already in the chain below {base}; "
                                       f"making it an overlay would put it below itself")
     finally:
         volume.close()
+
+
+def same_file_key(path: str):
+    """Return (st_dev, st_ino) of path, which names the file however it is spelled or linked; None if missing."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def open_image(path: str, writable: bool = False, base: str | None = None, **kwargs) -> Volume:

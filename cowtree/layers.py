@@ -418,7 +418,9 @@ def rebase(path: str, new_base: str) -> int:
     new_base should hold (nearly) the content of the old base: only items
     that differ from it are kept in the overlay.
     """
-    from .image import open_image
+    from .image import check_base, open_image
+    # The new base must not be the overlay, nor have it in its chain.
+    check_base(path, new_base)
     old = open_image(path, writable=False)
     tmp = path + ".rebase-tmp"
     try:

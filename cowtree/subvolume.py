@@ -337,7 +337,9 @@ class UsageCounter:
     def _walk(self, tree, ptr, level, shared, usage) -> None:
         addr = ptr[0]
         vol = self.vol
-        if not shared and ptr[2] == 0 and self._refs(addr, vol.nodesize) > 1:
+        # A base image's node is shared with the base; deleting this
+        # subvolume never frees it.
+        if not shared and (ptr[2] != 0 or self._refs(addr, vol.nodesize) > 1):
             usage.add(self._subtree(tree, ptr, level), True)
             return
         node = vol.read_node(ptr, level, tree)

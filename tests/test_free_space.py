@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from cowtree import alloc, ondisk
@@ -104,3 +106,23 @@ def test_full_image_scans_everything_before_enospc(tmp_path, small_chunks):
     assert fs.read(inode.ino, 0, 4) == b"wwww"
     assert not check_volume(volume).problems
     volume.close()
+
+
+def test_rewrites_across_commands_reuse_space(tmp_path, small_chunks):
+    """Writing and removing a large file again and again, one open per round, keeps the file size."""
+    path = str(tmp_path / "rewrite.img")
+    mkfs(path).close()
+    data = bytes(range(256)) * (24 << 12)   # 24 MiB, larger than several 1 MiB chunks
+    sizes = []
+    for _ in range(4):
+        volume = open_image(path, writable=True)
+        fs = live(volume)
+        inode = fs.mknod(ROOT, b"big", 0o100644)
+        for offset in range(0, len(data), 4 << 20):
+            fs.write(inode.ino, offset, data[offset:offset + (4 << 20)])
+        volume.commit()
+        fs.unlink(ROOT, b"big")
+        volume.commit()
+        volume.close()
+        sizes.append(os.path.getsize(path))
+    assert sizes[-1] <= sizes[0] + (1 << 20), sizes

@@ -817,3 +817,20 @@ def test_enospc_fails_only_that_write(mount_image, tmp_path):
     assert fs.read(fs.resolve(b"/keep"), 0, 100) == b"written before the image filled up"
     assert fs.read(fs.resolve(b"/after"), 0, 100) == b"still writable"
     volume.close()
+
+
+def test_space_freed_by_rm_is_usable_before_commit(mount_image, tmp_path):
+    """After rm of a committed file, a write that finds no space commits and succeeds, as on Btrfs."""
+    mkfs(str(tmp_path / "tight.img"), size_limit=8 << 20).close()
+    mounted = mount_image("tight.img", create=False, commit_interval=600)
+    with pytest.raises(OSError):
+        with open(mounted.path("fill"), "wb") as handle:
+            for _ in range(32):
+                handle.write(os.urandom(1 << 20))
+                handle.flush()
+                os.fsync(handle.fileno())
+    os.unlink(mounted.path("fill"))
+    write_file(mounted.path("after"), b"a" * (1 << 20))
+    assert read_file(mounted.path("after")) == b"a" * (1 << 20)
+    assert mounted.unmount() == 0
+    assert_image_clean(str(tmp_path / "tight.img")).close()

@@ -368,3 +368,50 @@ def test_fsck_data_reads_base_blocks(tmp_path, base_image):
     volume.close()
     problems = [str(p) for p in report.problems]
     assert any("checksum mismatch" in p and "base.img" in p for p in problems), problems
+
+
+def test_rebase_refuses_loops(tmp_path, base_image):
+    """Rebasing onto the overlay itself, or onto an overlay above it, is refused and loses nothing."""
+    base, _ = base_image
+    top = overlay(tmp_path, base)
+    volume = open_image(top, writable=True)
+    live(volume).mkdir(ROOT, b"mine")
+    volume.commit()
+    volume.close()
+    above = overlay(tmp_path, top, "above.img")
+    for new_base in (top, above):
+        with pytest.raises(OSError, match="own base|already in the chain"):
+            layers.rebase(top, new_base)
+    volume = open_image(top)
+    live(volume).resolve(b"/mine")
+    volume.close()
+
+
+def test_mkfs_force_through_hard_link_refused(tmp_path, base_image):
+    base, content = base_image
+    link = str(tmp_path / "link.img")
+    os.link(base, link)
+    with pytest.raises(OSError, match="own base"):
+        mkfs(base, base=link, force=True)
+    volume = open_image(base)
+    assert snapshot_tree(live(volume)) == content
+    volume.close()
+
+
+def test_overlay_snapshot_usage_counts_base_as_shared(tmp_path, base_image):
+    from cowtree import subvolume
+    base, _ = base_image
+    volume = open_image(overlay(tmp_path, base), writable=True)
+    subvolume.create_snapshot(volume, b"s1")
+    fs = live(volume)
+    json_dir = fs.resolve(b"/json")
+    for _, name, child, _ in list(fs.readdir(json_dir)):
+        if not fs.get_inode(child).is_dir:
+            fs.unlink(json_dir, name)
+    volume.commit()
+    usage = subvolume.UsageCounter(volume).subvolume(subvolume.find(volume, b"s1").tree_id)
+    before = volume.bytes_used
+    subvolume.delete_subvolume(volume, b"s1")
+    freed = before - volume.bytes_used
+    assert usage.exclusive == freed
+    volume.close()
