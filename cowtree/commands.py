@@ -80,13 +80,41 @@ def info(images: list[str], as_json: bool, out, chain: bool = False) -> None:
     results = []
     with Session() as session:
         for text in images:
-            opened = session.open(parse_image_operand(text).image, writable=False)
+            image = parse_image_operand(text).image
+            from .layers import BaseImageError
+            try:
+                opened = session.open(image, writable=False)
+            except BaseImageError as exc:
+                if not chain:
+                    raise
+                # The chain is what a user looks at when a base is missing or changed.
+                results.append(_broken_chain(image, exc))
+                continue
             results.append(listing.info_object(opened.path, opened.volume))
     if as_json:
         _write_json(out, results if len(results) > 1 else results[0])
         return
     render = listing.chain_text if chain else listing.info_text
     out.write("\n".join(render(obj) for obj in results).encode())
+
+
+def _broken_chain(image: str, error: Exception) -> dict:
+    """Return the chain of an overlay whose base cannot be used: the overlay, and what it records of its base."""
+    import uuid as uuid_module
+
+    from .layers import base_path, layer_record
+    from .transaction import Volume
+    volume = Volume.open(image, writable=False)
+    try:
+        record = layer_record(volume)
+        chain = [{"depth": 0, "image": image, "uuid": str(uuid_module.UUID(bytes=bytes(volume.uuid))),
+                  "generation": volume.generation, "image_bytes": volume.sb.image_bytes,
+                  "bytes_used": volume.sb.bytes_used}]
+        chain.append({"depth": 1, "image": base_path(volume, record), "uuid": str(uuid_module.UUID(bytes=record.uuid)),
+                      "generation": record.generation, "error": str(error)})
+    finally:
+        volume.close()
+    return {"image": image, "chain": chain}
 
 
 # ---------------------------------------------------------------------------

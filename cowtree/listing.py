@@ -317,6 +317,10 @@ def chain_text(obj: dict) -> str:
     """Return the chain of base images below an image, one line each, top first."""
     lines = []
     for layer in obj["chain"]:
+        if "error" in layer:
+            lines.append(f"layer {layer['depth']}: {layer['image']} expected uuid {layer['uuid']} generation "
+                         f"{layer['generation']}: unusable: {layer['error']}")
+            continue
         lines.append(f"layer {layer['depth']}: {layer['image']} uuid {layer['uuid']} generation "
                      f"{layer['generation']} image bytes {layer['image_bytes']} used {layer['bytes_used']} "
                      f"({human_size(layer['bytes_used'])})")

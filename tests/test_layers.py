@@ -415,3 +415,17 @@ def test_overlay_snapshot_usage_counts_base_as_shared(tmp_path, base_image):
     freed = before - volume.bytes_used
     assert usage.exclusive == freed
     volume.close()
+
+
+def test_info_chain_shows_changed_base(tmp_path, base_image):
+    base, _ = base_image
+    top = overlay(tmp_path, base)
+    volume = open_image(base, writable=True)
+    live(volume).mkdir(ROOT, b"late")
+    volume.commit()
+    volume.close()
+    result = run_cli(tmp_path, "info", "--chain", top)
+    lines = result.stdout.decode().splitlines()
+    assert lines[0].startswith(f"layer 0: {top}")
+    assert lines[1].startswith("layer 1:")
+    assert "has changed since the overlay was made" in lines[1]
