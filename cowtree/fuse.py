@@ -536,7 +536,7 @@ class CowtreeOperations(pyfuse3.Operations):
     def statfs(self, ctx):
         stats = pyfuse3.StatvfsData()
         block = ondisk.BLOCK_SIZE
-        used = self.vol.bytes_used
+        used = self.vol.bytes_used + self.vol.pending_bytes()
         limit = self.vol.sb.size_limit
         if limit:
             free = max(0, limit - used)

@@ -269,6 +269,15 @@ class Volume:
                 raise CorruptionError("item", f"root tree key {key}", "chunk use below zero", used, ">= 0")
             self.set_chunk_used(chunk, used)
 
+    def pending_bytes(self) -> int:
+        """Return the bytes of extents allocated by the running transaction.
+
+        bytes_used counts committed extents only; this adds what the next
+        commit will add.  Extents freed by the running transaction still
+        count until then, because their space is not free before it.
+        """
+        return sum(ref.length for ref in self.refs.values() if ref.new)
+
     @property
     def reserve(self) -> int:
         """Bytes of the size limit kept for deletions: 64 nodes, at least 1 MiB."""
