@@ -2,7 +2,7 @@
 
 The extent tree is the only persistent record of allocation: an address is
 free when no EXTENT_ITEM covers it.  :class:`FreeSpace` derives free runs
-from it lazily, one 32 MiB chunk at a time, lowest first, when the chunks
+from it lazily, one 32 MiB chunk at a time, most room first, when the chunks
 loaded so far have no gap that fits.  Opening an image reads no extent
 items at all, and a transaction loads at most one chunk before it grows
 the image instead.  Everything at or above the image's high-water mark is
@@ -83,14 +83,22 @@ class FreeSpace:
         return hi - lo - self.chunk_used.get(chunk, 0)
 
     def _load_chunk_with_room(self, length: int) -> bool:
-        """Load the lowest unloaded chunk that may hold length free bytes; False when none may."""
+        """Load the unloaded chunk with the most room, if it may hold length free bytes.
+
+        The chunk with the most room has the fewest extent items to read,
+        and the most space to give.  Return False when no chunk may hold
+        length bytes.
+        """
+        best = None
+        best_room = length - 1
         for position in range(len(self.unloaded) - 1, -1, -1):
-            chunk = self.unloaded[position]
-            if self._chunk_room(chunk) >= length:
-                del self.unloaded[position]
-                self._load_chunk(chunk)
-                return True
-        return False
+            room = self._chunk_room(self.unloaded[position])
+            if room > best_room:
+                best, best_room = position, room
+        if best is None:
+            return False
+        self._load_chunk(self.unloaded.pop(best))
+        return True
 
     def _load_next_chunk(self) -> bool:
         if not self.unloaded:
