@@ -45,7 +45,7 @@ def fill_and_punch(path: str, files: int = 48, size: int = 96 << 10) -> None:
     volume.close()
 
 
-def test_one_chunk_scanned_per_transaction(tmp_path, small_chunks):
+def test_chunk_scans_bounded_per_transaction(tmp_path, small_chunks):
     path = str(tmp_path / "chunks.img")
     fill_and_punch(path)
     volume = open_image(path, writable=True)
