@@ -79,7 +79,7 @@ class ImageFile:
 class RecordingDevice:
     """A device wrapper that logs writes and flushes for crash replay.
 
-    ``log`` holds ("write", offset, bytes) and ("flush",) tuples in order.
+    ``log`` contains ("write", offset, bytes) and ("flush",) tuples in order.
     """
 
     def __init__(self, inner):
@@ -199,7 +199,7 @@ def superblock_csum(block) -> int:
 
 @dataclasses.dataclass
 class SuperblockScan:
-    """What reading every superblock copy found."""
+    """The result of reading every superblock copy: the chosen one, and each copy or its error."""
 
     chosen: Superblock
     copies: list  # per copy: a Superblock or the exception it raised

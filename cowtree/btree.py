@@ -63,7 +63,7 @@ class Tree:
         return self.store.read_node(self.root_ptr, self.level, self)
 
     def _leaf_for(self, key):
-        """Return (leaf, next_key, low_key) for the leaf whose range holds key.
+        """Return (leaf, next_key, low_key) for the leaf whose range contains key.
 
         ``next_key`` is the first key of the next leaf's range (None for the
         last leaf); ``low_key`` is the first key of this leaf's range (None
@@ -252,7 +252,7 @@ class Tree:
     def _refill(self, parent: Node, slot: int, child: Node, key) -> Node:
         """Merge child with a sibling, or move items over from it.
 
-        Return the node whose range now holds key.
+        Return the node whose range now contains key.
         """
         store = self.store
         if slot + 1 < len(parent.keys):

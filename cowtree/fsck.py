@@ -54,7 +54,7 @@ class FsckError(CowtreeError):
 
 @dataclasses.dataclass
 class FsckResult:
-    """What one fsck run found and did."""
+    """The findings and repairs of one fsck run."""
 
     image: str
     found: list = dataclasses.field(default_factory=list)       # problems of the first check
@@ -346,7 +346,7 @@ def _move_to_lost_found(fs: FileSystem, ino: int) -> bytes:
 
 
 def _repair_counts(volume, problems: list, result: FsckResult) -> None:
-    """Rewrite link counts and directory sizes to what the entries say."""
+    """Rewrite link counts and directory sizes to the values the directory entries imply."""
     filesystems: dict = {}
     for problem in problems:
         fix = problem.repair

@@ -124,7 +124,7 @@ def create_overlay(path: str, base_file: str, label: str = "", device=None) -> V
                                    drop_objectid=0, drop_type=0, drop_offset=0, drop_level=0)
         if device is None:
             os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644))
-        # Generation 1 already holds the LAYER_ITEM and the live filesystem's
+        # Generation 1 already contains the LAYER_ITEM and the live filesystem's
         # ROOT_ITEM, so nothing is copied on write before the first change.
         volume = Volume.create(path, nodesize=base.nodesize, label=label.encode(), device=device,
                                incompat_flags=ondisk.INCOMPAT_LAYERS,

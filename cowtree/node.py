@@ -109,7 +109,11 @@ def decode(buf: bytes, uuid: bytes, nodesize: int, addr: int, gen: int | None, l
     ``gen`` and ``level`` are what the parent's block pointer expects; None
     skips that check (a root read from the superblock has no expected level).
     """
-    where = f"at block {addr}" + (f" in {tree}" if tree else "") + (f" of layer {layer}" if layer else "")
+    where = f"at block {addr}"
+    if tree:
+        where += f" in {tree}"
+    if layer:
+        where += f" of layer {layer}"
     if len(buf) != nodesize:
         raise CorruptionError("node", where, "short read, past the end of the image", len(buf), nodesize)
     stored = int.from_bytes(buf[0:4], "little")

@@ -4,7 +4,7 @@ Every structure is defined once as a construct ``Struct``; that definition is
 the format.  Hot paths use ``struct.Struct`` codecs generated from the same
 definitions by :func:`codec`, because a construct parse costs tens of
 microseconds and a ``struct`` unpack well under one.  ``spec/format.md``
-holds the offset tables, and a test checks them against these definitions.
+contains the offset tables, and a test checks them against these definitions.
 
 All integers are little-endian.  Offsets and sizes are in bytes.
 """
@@ -229,7 +229,7 @@ LAYER_ITEM_S = Struct(
 # the bytes of EXTENT_ITEMs that lie in the chunk [start, start + CHUNK_SIZE),
 # an extent that crosses a chunk boundary counting in each chunk for its part.
 # It lets the allocator skip full chunks without reading their extent items.
-# A chunk without an item holds no extents.
+# A chunk without an item contains no extents.
 CHUNK_ITEM_S = Struct(
     "used" / Int64ul,
 )

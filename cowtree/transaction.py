@@ -819,7 +819,7 @@ class Volume:
             return
         self.dev.pwrite(offset, self.sb.encode())
         self.dev.flush()
-        log.warning("%s: aborted a commit whose superblock (generation %d) was written; copy %d now holds "
+        log.warning("%s: aborted a commit whose superblock (generation %d) was written; copy %d now contains "
                     "generation %d again", self.path, self.transid, index, self.sb.generation)
 
     def _scan_extents(self, lo: int, hi: int):
