@@ -88,16 +88,26 @@ class Tree:
     def get(self, key):
         """Return the data of the item with this key, or None."""
         # The descent of _leaf_for without its range bookkeeping: point
-        # look-ups are the hottest path of the engine.
+        # look-ups are the hottest path of the engine.  A node searched
+        # before is searched through its integer keys (see Node.search).
+        int_key = key[0] << 72 | key[1] << 64 | key[2]
         read_node = self.store.read_node
-        leaf = read_node(self.root_ptr, self.level, self)
-        while leaf.level:
-            slot = bisect_right(leaf.keys, key) - 1
-            leaf = read_node(leaf.vals[slot if slot > 0 else 0], leaf.level - 1, self)
-        keys = leaf.keys
-        slot = bisect_left(keys, key)
-        if slot < len(keys) and keys[slot] == key:
-            return leaf.vals[slot]
+        node = read_node(self.root_ptr, self.level, self)
+        while True:
+            keys = node.search
+            if keys is None or keys is False:
+                keys = _int_keys(node)
+            if keys is None:
+                keys, probe = node.keys, key
+            else:
+                probe = int_key
+            if not node.level:
+                break
+            slot = bisect_right(keys, probe) - 1
+            node = read_node(node.vals[slot if slot > 0 else 0], node.level - 1, self)
+        slot = bisect_left(keys, probe)
+        if slot < len(keys) and keys[slot] == probe:
+            return node.vals[slot]
         return None
 
     def floor(self, key):
@@ -141,12 +151,18 @@ class Tree:
 
     # -- writing ---------------------------------------------------------
 
+    def _cow(self, node: Node) -> Node:
+        """Return store.cow(node), with no integer keys: the caller changes it."""
+        node = self.store.cow(node, self)
+        node.search = None
+        return node
+
     def _writable_root(self) -> Node:
         store = self.store
         store.before_change()
         root = store.read_node(self.root_ptr, self.level, self)
         if root.gen != store.transid or not root.dirty:
-            root = store.cow(root, self)
+            root = self._cow(root)
             self.root_ptr = root.ptr
         self.changed = True
         return root
@@ -186,7 +202,7 @@ class Tree:
                 keys[0] = key
             child = read_node(node.vals[slot], node.level - 1, self)
             if child.gen != transid or not child.dirty:
-                child = store.cow(child, self)
+                child = self._cow(child)
                 node.vals[slot] = child.ptr
             if child.level == 0:
                 full = child.used + need > cap
@@ -237,7 +253,7 @@ class Tree:
                 slot = 0
             child = store.read_node(node.vals[slot], node.level - 1, self)
             if child.gen != transid or not child.dirty:
-                child = store.cow(child, self)
+                child = self._cow(child)
                 node.vals[slot] = child.ptr
             if child.used * 3 < store.capacity and len(node.keys) > 1:
                 child = self._refill(node, slot, child, key)
@@ -266,13 +282,13 @@ class Tree:
             left = child
             right = store.read_node(right_ptr, level, self)
             if right.gen != store.transid or not right.dirty:
-                right = store.cow(right, self)
+                right = self._cow(right)
                 parent.vals[right_slot] = right.ptr
         else:
             right = child
             left = store.read_node(left_ptr, level, self)
             if left.gen != store.transid or not left.dirty:
-                left = store.cow(left, self)
+                left = self._cow(left)
                 parent.vals[left_slot] = left.ptr
         cap = store.capacity
         if left.used + right.used <= cap:
@@ -305,6 +321,21 @@ class Tree:
             store.discard(root)
             self.root_ptr = child_ptr
             self.level -= 1
+
+
+def _int_keys(node: Node) -> list | None:
+    """Return node's keys as integers once it is searched a second time, else None.
+
+    A dirty node can still change, so it gets none.  A node
+    read for a single look-up (a cold cache) is not worth the list.
+    """
+    if node.dirty:
+        return None
+    if node.search is None:
+        node.search = False
+        return None
+    node.search = [objectid << 72 | typ << 64 | offset for objectid, typ, offset in node.keys]
+    return node.search
 
 
 def _middle(level: int, keys: list, vals: list, used: int) -> int:

@@ -43,9 +43,17 @@ class Node:
     bytes the items take (headers and data).  In an internal node, ``vals``
     holds block pointers (address, generation, layer), and ``keys[i]`` is at
     most every key below ``vals[i]``.
+
+    ``search`` speeds up point look-ups in nodes that are read again and
+    again.  It is None for a node not yet searched, False after the first
+    search, and from the second search on a list of the keys as integers,
+    ``objectid << 72 | type << 64 | offset``, which order the same way as
+    the tuples and compare faster.  Only :class:`~cowtree.btree.Tree` reads
+    and sets it: it builds the list only for a node that is not dirty, and
+    resets it to None whenever it makes a node writable.
     """
 
-    __slots__ = ("addr", "gen", "layer", "level", "owner", "keys", "vals", "used", "dirty")
+    __slots__ = ("addr", "gen", "layer", "level", "owner", "keys", "vals", "used", "dirty", "search")
 
     def __init__(self, addr: int, gen: int, level: int, owner: int, keys: list, vals: list, layer: int = 0):
         self.addr = addr
@@ -56,6 +64,7 @@ class Node:
         self.keys = keys
         self.vals = vals
         self.dirty = False
+        self.search = None
         if level == 0:
             self.used = ITEM_SIZE * len(keys) + sum(map(len, vals))
         else:

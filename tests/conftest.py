@@ -15,6 +15,10 @@ prints its seed; ``COWTREE_SEED=N`` replays one.
 ``COWTREE_STRICT=1`` is set for the whole session, so every commit runs the
 engine's checker (:func:`cowtree.check.check_volume`) and raises on any
 problem.
+
+The checkout that contains this file goes first on ``PYTHONPATH``, so the
+``python -m cowtree`` processes the tests start (CLI runs, FUSE mounts) run
+the code under test, not whatever copy pip last installed.
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ import os
 import random
 
 os.environ["COWTREE_STRICT"] = "1"
+_CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [_CHECKOUT] + [part for part in os.environ.get("PYTHONPATH", "").split(os.pathsep) if part])
 
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402

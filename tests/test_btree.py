@@ -73,6 +73,7 @@ class BTreeMachine(RuleBasedStateMachine):
     def create(self):
         self.directory = tempfile.mkdtemp(prefix="cowtree-btree-")
         self.volume = new_volume(self.directory)
+        self.dirty_limit = self.volume.dirty_limit
         self.model: dict = {}
         self.committed: dict = {}
 
@@ -163,6 +164,15 @@ class BTreeMachine(RuleBasedStateMachine):
         event(f"committed tree of level {self.tree.level}")
         assert_clean(self.volume)
 
+    @rule(early=st.booleans())
+    def write_back_early(self, early):
+        """Write dirty nodes before every change, or only past the usual limit.
+
+        Nodes written early stay in this transaction and are changed in place
+        again, after look-ups may have built their integer keys.
+        """
+        self.volume.dirty_limit = 0 if early else self.dirty_limit
+
     @rule()
     def abort(self):
         self.volume.abort()
@@ -200,6 +210,39 @@ def fill(volume, count: int, size: int = 200) -> dict:
         tree.put(key, value)
         model[key] = value
     return model
+
+
+def test_get_after_in_place_change(volume):
+    """Check look-ups in a node that had integer keys and was changed in place.
+
+    With a dirty limit of 0 every change first writes the dirty nodes, so
+    the leaves are clean (and searchable) between changes but still belong
+    to the running transaction, which changes them in place.
+    """
+    volume.dirty_limit = 0
+    tree = volume.tree(TREE_ID)
+    model = fill(volume, 60)
+    for _ in range(2):
+        for key, value in model.items():
+            assert tree.get(key) == value
+    first = min(model)
+    leaf = tree._leaf_for(first)[0]
+    assert isinstance(leaf.search, list), "the look-ups above should have built integer keys"
+    added = (first[0], first[1], first[2] + 1000)
+    tree.put(added, b"added")
+    assert tree._leaf_for(first)[0] is leaf, "the leaf should have been changed in place"
+    assert tree.get(added) == b"added"
+    assert tree.delete(first) is True
+    assert tree.get(first) is None
+    for key, value in model.items():
+        if key != first:
+            assert tree.get(key) == value
+    volume.commit()
+    assert_clean(volume)
+    for _ in range(2):
+        assert tree.get(added) == b"added"
+    tree.put(added, b"changed after the commit")
+    assert tree.get(added) == b"changed after the commit"
 
 
 def test_range_iteration_in_order(volume, rng):
