@@ -60,6 +60,11 @@ def _out():
     return sys.stdout.buffer
 
 
+def _report(exc: BaseException) -> None:
+    """Print the message of an error in one operand; the command goes on with the next."""
+    warn(describe_error(exc)[0])
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG)
 @click.option("-v", "--verbose", is_flag=True, help="Report commits and copy totals on stderr.")
 @click.option("--debug", is_flag=True, help="Log debug messages and print a traceback on errors.")
@@ -119,11 +124,11 @@ def mkfs(image: str, size: int, node_size: int, label: str, force: bool, base: s
 @click.option("--json", "as_json", is_flag=True,
               help="Print a JSON list of objects: name, path, type, mode, size, nlink, uid, gid, mtime_ns, "
                    "ino, and target for symlinks.")
-@click.argument("operand", metavar="IMAGE[:/PATH]")
-def ls(long: bool, show_all: bool, recursive: bool, as_json: bool, operand: str) -> None:
-    """List a directory inside an image (the root when no path is given)."""
+@click.argument("operands", nargs=-1, required=True, metavar="IMAGE[:/PATH]...")
+def ls(long: bool, show_all: bool, recursive: bool, as_json: bool, operands: tuple) -> int:
+    """List directories inside images (the root when no path is given)."""
     from . import commands
-    commands.ls(operand, long, show_all, recursive, as_json, _out())
+    return commands.ls(list(operands), long, show_all, recursive, as_json, _out(), _report)
 
 
 @cli.command(epilog=EPILOG)
@@ -156,10 +161,10 @@ def cp(recursive: bool, archive: bool, excludes: tuple, reflink: str, paths: tup
 
 @cli.command(epilog=EPILOG)
 @click.argument("operands", nargs=-1, required=True, metavar="IMAGE:/PATH...")
-def cat(operands: tuple) -> None:
+def cat(operands: tuple) -> int:
     """Write the contents of files inside images to standard output."""
     from . import commands
-    commands.cat(list(operands), _out())
+    return commands.cat(list(operands), _out(), _report)
 
 
 def _octal_mode(ctx, param, value):
@@ -178,28 +183,28 @@ def _octal_mode(ctx, param, value):
 @click.option("-p", "--parents", is_flag=True, help="Create missing parents; an existing directory is no error.")
 @click.option("-m", "--mode", callback=_octal_mode, help="Permission bits in octal (default: 777 less the umask).")
 @click.argument("operands", nargs=-1, required=True, metavar="IMAGE:/PATH...")
-def mkdir(parents: bool, mode: int | None, operands: tuple) -> None:
+def mkdir(parents: bool, mode: int | None, operands: tuple) -> int:
     """Create directories inside an image."""
     from . import commands
-    commands.mkdir(list(operands), parents, mode)
+    return commands.mkdir(list(operands), parents, mode, _report)
 
 
 @cli.command(epilog=EPILOG)
 @click.option("-r", "-R", "--recursive", "recursive", is_flag=True, help="Remove directories and their contents.")
 @click.option("-f", "--force", is_flag=True, help="Ignore paths that do not exist.")
 @click.argument("operands", nargs=-1, required=True, metavar="IMAGE:/PATH...")
-def rm(recursive: bool, force: bool, operands: tuple) -> None:
+def rm(recursive: bool, force: bool, operands: tuple) -> int:
     """Remove files, or with -r whole trees, inside an image."""
     from . import commands
-    commands.rm(list(operands), recursive, force)
+    return commands.rm(list(operands), recursive, force, _report)
 
 
 @cli.command(epilog=EPILOG)
 @click.argument("operands", nargs=-1, required=True, metavar="IMAGE:/PATH...")
-def rmdir(operands: tuple) -> None:
+def rmdir(operands: tuple) -> int:
     """Remove empty directories inside an image."""
     from . import commands
-    commands.rmdir(list(operands))
+    return commands.rmdir(list(operands), _report)
 
 
 @cli.command(epilog=EPILOG)
@@ -229,10 +234,10 @@ def ln(symbolic: bool, target: str, link: str) -> None:
 @click.option("-L", "--dereference", "follow", is_flag=True, help="Follow symlinks.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list with every inode field.")
 @click.argument("operands", nargs=-1, required=True, metavar="IMAGE:/PATH...")
-def stat(follow: bool, as_json: bool, operands: tuple) -> None:
+def stat(follow: bool, as_json: bool, operands: tuple) -> int:
     """Show the inode of entries inside an image, like coreutils stat."""
     from . import commands
-    commands.stat(list(operands), follow, as_json, _out())
+    return commands.stat(list(operands), follow, as_json, _out(), _report)
 
 
 @cli.command(epilog=EPILOG)

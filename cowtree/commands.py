@@ -3,9 +3,12 @@
 Every function opens its images through a :class:`~cowtree.session.Session`,
 so a command that writes runs as one transaction: committed when the
 function returns, aborted when it raises.  Failures are raised as
-:class:`~cowtree.operands.CommandError` naming the operand; cowtree stops
-at the first one.  Output goes to the binary stream ``out`` because names
-are bytes; warnings go through ``warn``.
+:class:`~cowtree.operands.CommandError` naming the operand.  A command that
+takes many operands (cat, stat, mkdir, rm, rmdir) goes on after an error
+that concerns one operand only, as coreutils does: it passes the error to
+``report``, commits what the other operands changed, and returns exit
+status 1.  Output goes to the binary stream ``out`` because names are
+bytes; warnings go through ``warn``.
 """
 
 from __future__ import annotations
@@ -30,6 +33,39 @@ log = logging.getLogger(__name__)
 
 CHUNK = 4 << 20
 RECURSION_LIMIT = 10000
+
+# Errors that concern one operand only.  Any other failure (a corrupt node,
+# no space left, an I/O error, an image in use) stops the command and drops
+# every change it made.
+OPERAND_ERRNOS = frozenset({errno.ENOENT, errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.ENOTEMPTY,
+                            errno.EINVAL, errno.ENAMETOOLONG, errno.ELOOP, errno.EROFS, errno.EXDEV,
+                            errno.EPERM, errno.EACCES})
+
+
+def _concerns_operand(exc: CommandError) -> bool:
+    """Return whether exc is an error in one operand that the next operand does not share."""
+    cause = exc.cause
+    if cause is None:
+        return True
+    return isinstance(cause, OSError) and cause.errno in OPERAND_ERRNOS
+
+
+def _each_operand(operands: list, body, report) -> int:
+    """Call body(operand) for every operand and return the exit status.
+
+    An operand error goes to report (when there is one), the loop goes on,
+    and the status becomes 1.  Other errors propagate.
+    """
+    status = 0
+    for operand in operands:
+        try:
+            body(operand)
+        except CommandError as exc:
+            if report is None or not _concerns_operand(exc):
+                raise
+            report(exc)
+            status = 1
+    return status
 
 
 def _resolve(fs, location: ImagePath, follow: bool = True) -> int:
@@ -121,41 +157,57 @@ def _broken_chain(image: str, error: Exception) -> dict:
 # ls, stat, cat
 
 
-def ls(operand: str, long: bool, show_all: bool, recursive: bool, as_json: bool, out) -> None:
-    location = parse_image_operand(operand)
-    with Session() as session:
+def ls(operands: list[str], long: bool, show_all: bool, recursive: bool, as_json: bool, out,
+       report=None) -> int:
+    """List operands as coreutils ls does: files first, then each directory.
+
+    A directory gets a header line when there is more than one operand or
+    with -R, and blocks are separated by blank lines.
+    """
+    objects = []
+    wants_target = long or as_json
+    several = len(operands) > 1
+    written = False
+    directories = []
+
+    def list_file(text: str) -> None:
+        nonlocal written
+        location = parse_image_operand(text)
         fs = session.filesystem(location)
         try:
-            ino = _resolve(fs, location, follow=not (long or as_json))
+            ino = _resolve(fs, location, follow=not wants_target)
             inode = fs.get_inode(ino)
         except ERRORS as exc:
             raise CommandError("cannot access", str(location), exc) from exc
-        wants_target = long or as_json
-        objects = []
-        if not inode.is_dir:
-            target = fs.readlink(ino) if inode.is_symlink and wants_target else None
-            if as_json:
-                objects.append(listing.entry_object(_split(location.path)[1], location.path, inode, target))
-            else:
-                rows = [(location.path, inode, target)]
-                out.write(b"\n".join(listing.long_lines(rows) if long else [location.path]) + b"\n")
-        pending = [location.path] if inode.is_dir else []
-        pending_inos = [ino] if inode.is_dir else []
-        first = True
+        if inode.is_dir:
+            directories.append((location, fs, ino))
+            return
+        target = fs.readlink(ino) if inode.is_symlink and wants_target else None
+        if as_json:
+            objects.append(listing.entry_object(_split(location.path)[1], location.path, inode, target))
+        else:
+            rows = [(location.path, inode, target)]
+            out.write(b"\n".join(listing.long_lines(rows) if long else [location.path]) + b"\n")
+            written = True
+
+    def list_directory(directory) -> None:
+        nonlocal written
+        location, fs, ino = directory
+        pending = [(location.path, ino)]
         while pending:
-            path = pending.pop(0)
-            dir_ino = pending_inos.pop(0)
+            path, dir_ino = pending.pop(0)
+            where = f"{location.image_text}:{os.fsdecode(path)}"
             try:
                 rows, subdirs = _read_dir(fs, dir_ino, path, show_all, wants_target)
             except ERRORS as exc:
-                raise CommandError("cannot open directory", f"{location.image_text}:{os.fsdecode(path)}",
-                                   exc) from exc
+                raise CommandError("cannot open directory", where, exc) from exc
             if as_json:
                 objects.extend(listing.entry_object(name, _join(path, name), child, target)
                                for name, child, target in rows)
             else:
-                if recursive:
-                    out.write((b"" if first else b"\n") + path + b":\n")
+                if several or recursive:
+                    header = os.fsencode(where) if several else path
+                    out.write((b"\n" if written else b"") + header + b":\n")
                 if long:
                     total = sum(-(-child.nbytes // 1024) for _, child, _ in rows)
                     out.write(f"total {total}\n".encode())
@@ -164,13 +216,17 @@ def ls(operand: str, long: bool, show_all: bool, recursive: bool, as_json: bool,
                     lines = [name for name, _, _ in rows]
                 if lines:
                     out.write(b"\n".join(lines) + b"\n")
-            first = False
+                written = True
             if recursive:
                 # Depth first, in name order, as ls -R prints.
-                pending[0:0] = [_join(path, name) for name, _ in subdirs]
-                pending_inos[0:0] = [child for _, child in subdirs]
-        if as_json:
-            _write_json(out, objects)
+                pending[0:0] = [(_join(path, name), child) for name, child in subdirs]
+
+    with Session() as session:
+        status = _each_operand(operands, list_file, report)
+        status |= _each_operand(directories, list_directory, report)
+    if as_json:
+        _write_json(out, objects)
+    return status
 
 
 def _join(path: bytes, name: bytes) -> bytes:
@@ -196,10 +252,10 @@ def _read_dir(fs, dir_ino: int, path: bytes, show_all: bool, wants_target: bool)
     return rows, subdirs
 
 
-def stat(operands: list[str], follow: bool, as_json: bool, out) -> None:
+def stat(operands: list[str], follow: bool, as_json: bool, out, report=None) -> int:
     objects = []
     with Session() as session:
-        for text in operands:
+        def stat_one(text: str) -> None:
             location = _image_operand(text)
             fs = session.filesystem(location)
             try:
@@ -213,13 +269,16 @@ def stat(operands: list[str], follow: bool, as_json: bool, out) -> None:
                 objects.append(listing.stat_object(location.path, inode, target, xattrs))
             else:
                 out.write(listing.stat_text(os.fsencode(text), inode, target, ondisk.BLOCK_SIZE))
+
+        status = _each_operand(operands, stat_one, report)
     if as_json:
         _write_json(out, objects)
+    return status
 
 
-def cat(operands: list[str], out) -> None:
+def cat(operands: list[str], out, report=None) -> int:
     with Session() as session:
-        for text in operands:
+        def cat_one(text: str) -> None:
             location = _image_operand(text)
             fs = session.filesystem(location)
             try:
@@ -235,8 +294,12 @@ def cat(operands: list[str], out) -> None:
                     out.write(data)
                     position += len(data)
             except ERRORS as exc:
+                out.flush()
                 raise CommandError(None, text, exc) from exc
+
+        status = _each_operand(operands, cat_one, report)
         out.flush()
+    return status
 
 
 def _image_operand(text: str) -> ImagePath:
@@ -250,12 +313,12 @@ def _image_operand(text: str) -> ImagePath:
 # mkdir, rm, rmdir, mv, ln
 
 
-def mkdir(operands: list[str], parents: bool, mode: int | None) -> None:
+def mkdir(operands: list[str], parents: bool, mode: int | None, report=None) -> int:
     umask = os.umask(0)
     os.umask(umask)
     mode = 0o777 & ~umask if mode is None else mode
     with Session() as session:
-        for text in operands:
+        def mkdir_one(text: str) -> None:
             location = _image_operand(text)
             fs = session.filesystem(location, writable=True)
             try:
@@ -266,6 +329,8 @@ def mkdir(operands: list[str], parents: bool, mode: int | None) -> None:
                     fs.mkdir(dir_ino, name, mode, os.getuid(), os.getgid())
             except ERRORS as exc:
                 raise CommandError("cannot create directory", text, exc) from exc
+
+        return _each_operand(operands, mkdir_one, report)
 
 
 def _make_parents(fs, path: bytes, mode: int) -> None:
@@ -284,17 +349,17 @@ def _make_parents(fs, path: bytes, mode: int) -> None:
             raise Exists("File exists") if index == len(names) - 1 else NotADirectory("Not a directory")
 
 
-def rm(operands: list[str], recursive: bool, force: bool) -> None:
+def rm(operands: list[str], recursive: bool, force: bool, report=None) -> int:
     sys.setrecursionlimit(max(sys.getrecursionlimit(), RECURSION_LIMIT))
     with Session() as session:
-        for text in operands:
+        def rm_one(text: str) -> None:
             location = _image_operand(text)
             fs = session.filesystem(location, writable=True)
             try:
                 dir_ino, name = _split_existing(fs, location.path)
             except FileNotFoundError as exc:
                 if force:
-                    continue
+                    return
                 raise CommandError("cannot remove", text, exc) from exc
             except ERRORS as exc:
                 raise CommandError("cannot remove", text, exc) from exc
@@ -305,11 +370,13 @@ def rm(operands: list[str], recursive: bool, force: bool) -> None:
                 inode = fs.get_inode(ino)
             except FileNotFoundError as exc:
                 if force:
-                    continue
+                    return
                 raise CommandError("cannot remove", text, exc) from exc
             if inode.is_dir and not recursive:
                 raise CommandError("cannot remove", text, IsADirectory("Is a directory"))
             _remove(fs, dir_ino, name, ino, text)
+
+        return _each_operand(operands, rm_one, report)
 
 
 def _split_existing(fs, path: bytes):
@@ -339,9 +406,9 @@ def _remove(fs, dir_ino: int, name: bytes, ino: int, text: str) -> None:
         raise CommandError("cannot remove", text, exc) from exc
 
 
-def rmdir(operands: list[str]) -> None:
+def rmdir(operands: list[str], report=None) -> int:
     with Session() as session:
-        for text in operands:
+        def rmdir_one(text: str) -> None:
             location = _image_operand(text)
             fs = session.filesystem(location, writable=True)
             try:
@@ -351,6 +418,8 @@ def rmdir(operands: list[str]) -> None:
                 fs.rmdir(dir_ino, name)
             except ERRORS as exc:
                 raise CommandError("cannot remove", text, exc) from exc
+
+        return _each_operand(operands, rmdir_one, report)
 
 
 def mv(sources: list[str], dest: str) -> None:

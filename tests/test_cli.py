@@ -280,6 +280,63 @@ def test_rmdir_not_empty_message(workdir):
     assert error_of(result) == "cowtree: cannot remove 'disk.img:/a': Directory not empty\n"
 
 
+def test_operand_errors_do_not_stop(workdir):
+    """Each bad operand gets its message; the good ones before and after still count."""
+    result = cowtree(workdir, "mkdir", "disk.img:/a", "disk.img:/missing/b", "disk.img:/c", check=False)
+    assert result.returncode == 1
+    assert error_of(result) == "cowtree: cannot create directory 'disk.img:/missing/b': No such file or directory\n"
+    names = [entry["name"] for entry in json_of(cowtree(workdir, "ls", "--json", "disk.img"))]
+    assert names == ["a", "c"]
+
+    (workdir / "one").write_bytes(b"one\n")
+    (workdir / "two").write_bytes(b"two\n")
+    cowtree(workdir, "cp", "one", "two", "disk.img:/a")
+    result = cowtree(workdir, "cat", "disk.img:/a/one", "disk.img:/nope", "disk.img:/a", "disk.img:/a/two",
+                     check=False)
+    assert result.returncode == 1
+    assert result.stdout == b"one\ntwo\n"
+    assert error_of(result) == ("cowtree: disk.img:/nope: No such file or directory\n"
+                                "cowtree: disk.img:/a: Is a directory\n")
+
+    result = cowtree(workdir, "stat", "disk.img:/nope", "disk.img:/a/one", check=False)
+    assert result.returncode == 1
+    assert b"disk.img:/a/one" in result.stdout
+
+    result = cowtree(workdir, "rm", "disk.img:/a/one", "disk.img:/a", "disk.img:/a/two", check=False)
+    assert result.returncode == 1
+    assert error_of(result) == "cowtree: cannot remove 'disk.img:/a': Is a directory\n"
+    assert json_of(cowtree(workdir, "ls", "--json", "disk.img:/a")) == []
+
+    result = cowtree(workdir, "rmdir", "disk.img:/a", "disk.img:/", "disk.img:/c", check=False)
+    assert result.returncode == 1
+    assert json_of(cowtree(workdir, "ls", "--json", "disk.img")) == []
+
+
+def test_ls_several_operands(workdir):
+    """Files first, then each directory under a header, blank lines between."""
+    cowtree(workdir, "mkdir", "disk.img:/a", "disk.img:/b")
+    (workdir / "f").write_bytes(b"f")
+    cowtree(workdir, "cp", "f", "disk.img:/a/f")
+    result = cowtree(workdir, "ls", "disk.img:/a", "disk.img:/nope", "disk.img:/b", "disk.img:/a/f", check=False)
+    assert result.returncode == 1
+    assert result.stdout == b"/a/f\n\ndisk.img:/a:\nf\n\ndisk.img:/b:\n"
+    assert error_of(result) == "cowtree: cannot access 'disk.img:/nope': No such file or directory\n"
+    listed = json_of(cowtree(workdir, "ls", "--json", "disk.img:/a", "disk.img:/a"))
+    assert [entry["path"] for entry in listed] == ["/a/f", "/a/f"]
+
+
+def test_no_space_in_one_operand_drops_all(tmp_path):
+    """No space left is not an operand error: nothing the command did stays."""
+    cowtree(tmp_path, "mkfs", "--size", "3M", "--node-size", "4K", "small.img")
+    before = cowtree(tmp_path, "ls", "-R", "--json", "small.img").stdout
+    names = [f"small.img:/{'d' * 200}{index:05d}" for index in range(3000)]
+    result = cowtree(tmp_path, "mkdir", *names, check=False)
+    assert result.returncode == 1
+    assert "No space left on device" in error_of(result)
+    assert error_of(result).count("\n") == 1
+    assert cowtree(tmp_path, "ls", "-R", "--json", "small.img").stdout == before
+
+
 def test_name_too_long(workdir):
     name = "n" * 256
     result = cowtree(workdir, "mkdir", f"disk.img:/{name}", check=False)
