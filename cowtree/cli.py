@@ -254,10 +254,10 @@ def df(as_json: bool, images: tuple) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the same fields as JSON.")
 @click.option("--chain", is_flag=True, help="List the image and its base images, top first.")
 @click.argument("images", nargs=-1, required=True, metavar="IMAGE...")
-def info(as_json: bool, chain: bool, images: tuple) -> None:
+def info(as_json: bool, chain: bool, images: tuple) -> int:
     """Show the superblock in use, both superblock copies and the root of every tree."""
     from . import commands
-    commands.info(list(images), as_json, _out(), chain)
+    return commands.info(list(images), as_json, _out(), chain, _report)
 
 
 MOUNT_OPTIONS = ("ro", "rw", "allow_other")

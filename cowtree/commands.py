@@ -112,8 +112,14 @@ def df(images: list[str], as_json: bool, out) -> None:
     out.write("\n".join(listing.space_text(obj) for obj in results).encode())
 
 
-def info(images: list[str], as_json: bool, out, chain: bool = False) -> None:
+def info(images: list[str], as_json: bool, out, chain: bool = False, report=None) -> int:
+    """Print the superblock and trees of each image, or with chain its layers.
+
+    With chain, an overlay whose base is missing or has changed still gets
+    its chain printed, then the error goes to report and the status is 1.
+    """
     results = []
+    broken = []
     with Session() as session:
         for text in images:
             image = parse_image_operand(text).image
@@ -125,13 +131,20 @@ def info(images: list[str], as_json: bool, out, chain: bool = False) -> None:
                     raise
                 # The chain is what a user looks at when a base is missing or changed.
                 results.append(_broken_chain(image, exc))
+                broken.append(CommandError(None, image, exc))
                 continue
             results.append(listing.info_object(opened.path, opened.volume))
     if as_json:
         _write_json(out, results if len(results) > 1 else results[0])
-        return
-    render = listing.chain_text if chain else listing.info_text
-    out.write("\n".join(render(obj) for obj in results).encode())
+    else:
+        render = listing.chain_text if chain else listing.info_text
+        out.write("\n".join(render(obj) for obj in results).encode())
+    out.flush()
+    if broken and report is None:
+        raise broken[0]
+    for error in broken:
+        report(error)
+    return 1 if broken else 0
 
 
 def _broken_chain(image: str, error: Exception) -> dict:

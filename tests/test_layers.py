@@ -424,8 +424,13 @@ def test_info_chain_shows_changed_base(tmp_path, base_image):
     live(volume).mkdir(ROOT, b"late")
     volume.commit()
     volume.close()
-    result = run_cli(tmp_path, "info", "--chain", top)
+    result = run_cli(tmp_path, "info", "--chain", top, check=False)
+    assert result.returncode == 1
     lines = result.stdout.decode().splitlines()
     assert lines[0].startswith(f"layer 0: {top}")
     assert lines[1].startswith("layer 1:")
     assert "has changed since the overlay was made" in lines[1]
+    errors = result.stderr.decode().splitlines()
+    assert len(errors) == 1
+    assert errors[0].startswith(f"cowtree: {top}: ")
+    assert "has changed since the overlay was made" in errors[0]
