@@ -114,7 +114,7 @@ def _fact(*parts) -> int:
 #
 # A run is the items of one objectid inside a subtree, as a tuple
 # (ino, inode, first extent offset, last extent end, max extent end,
-#  inline length, where).  ``inode`` is (mode, nlink, size) or None when the
+#  inline length, where).  ``inode`` is (mode, nlink, size, flags) or None when the
 # INODE_ITEM lies outside the subtree; extent fields are None without
 # extents and the inline length is -1 without an inline extent.  Runs are
 # never changed once built, because summaries are shared between trees.
@@ -153,10 +153,12 @@ def _finish_run(run: tuple, sub: str, inline_max: int, problems: list) -> None:
     if inode is None:
         problems.append(Problem("inode", where, f"items without an INODE_ITEM ({run[RUN_WHERE]})"))
         return
-    mode, _nlink, size = inode
+    mode, _nlink, size, flags = inode
     fmt = stat_module.S_IFMT(mode)
     if fmt == stat_module.S_IFREG:
-        if run[RUN_MAX] is not None and run[RUN_MAX] > -(-size // BLOCK) * BLOCK:
+        # PREALLOC files may keep blocks past their size (fallocate FALLOC_FL_KEEP_SIZE).
+        if run[RUN_MAX] is not None and run[RUN_MAX] > -(-size // BLOCK) * BLOCK \
+                and not flags & ondisk.INODE_PREALLOC:
             problems.append(Problem("inode", where, "file extents reach past the file size", run[RUN_MAX],
                                     f"<= {size}"))
     elif fmt == stat_module.S_IFLNK:
@@ -226,7 +228,7 @@ class _LeafScanner:
             if stat_module.S_IFMT(inode.mode) not in FILE_TYPES:
                 problems.append(Problem("inode", f"{objectid} ({at})", "invalid file type", oct(inode.mode),
                                         "a regular file, directory, symlink, fifo, device or socket"))
-            run[RUN_INODE] = (inode.mode, inode.nlink, inode.size)
+            run[RUN_INODE] = (inode.mode, inode.nlink, inode.size, inode.flags)
             dtype = (inode.mode >> 12) & 0xF
             if inode.is_dir:
                 names = 0 if objectid == ondisk.ROOT_DIR_INO else 1

@@ -162,6 +162,21 @@ class CrossDevice(FsError):
     errno = _errno.EXDEV
 
 
+class NoSuchOffset(FsError):
+    """No data (SEEK_DATA) or hole (SEEK_HOLE) at or after an offset: it is at or past the end of the file."""
+    errno = _errno.ENXIO
+
+
+class FileTooLarge(FsError):
+    """An offset or size is past the largest file size."""
+    errno = _errno.EFBIG
+
+
+class NotSupported(FsError):
+    """The operation, or this mode of it, is not supported."""
+    errno = _errno.EOPNOTSUPP
+
+
 class NotPermitted(FsError, PermissionError):
     """Operation not permitted."""
     errno = _errno.EPERM

@@ -16,14 +16,15 @@ covers (see :meth:`FileSystem._punch`).
 from __future__ import annotations
 
 import dataclasses
+import os
 import stat as stat_module
 import time
 
 from . import ondisk
 from .checksum import crc32c
-from .errors import (CorruptionError, CrossDevice, Exists, InvalidArgument, IsADirectory, NameTooLong, NoData,
-                     NotADirectory, NotEmpty, NotFound, NotPermitted, RangeError, ReadOnly, SymlinkLoop, TooBig,
-                     TooManyLinks)
+from .errors import (CorruptionError, CrossDevice, Exists, FileTooLarge, InvalidArgument, IsADirectory, NameTooLong,
+                     NoData, NoSpaceError, NoSuchOffset, NotADirectory, NotEmpty, NotFound, NotPermitted,
+                     NotSupported, RangeError, ReadOnly, SymlinkLoop, TooBig, TooManyLinks)
 
 INODE = ondisk.INODE_ITEM_CODEC
 DIRENT = ondisk.DIR_ENTRY_CODEC
@@ -47,6 +48,20 @@ XATTR_FLAG_CREATE = 1
 XATTR_FLAG_REPLACE = 2
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
+
+# fallocate(2) mode bits, as in <linux/falloc.h>.
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_NO_HIDE_STALE = 0x04
+FALLOC_FL_COLLAPSE_RANGE = 0x08
+FALLOC_FL_ZERO_RANGE = 0x10
+FALLOC_FL_INSERT_RANGE = 0x20
+FALLOC_FL_UNSHARE_RANGE = 0x40
+# The largest file offset, as off_t allows on Linux.
+MAX_FILE_SIZE = (1 << 63) - 1
+# fallocate writes zeros in pieces of this many bytes, so its memory use
+# does not grow with the range.
+ZERO_CHUNK = 4 << 20
 
 
 def name_hash(name: bytes) -> int:
@@ -794,11 +809,14 @@ class FileSystem:
         # Data first: when it finds no space, nothing has changed yet.
         pieces = self.vol.write_data(data, self.tree_id)
         self._punch(inode, start, stop)
-        position = start
+        self._put_extents(inode, start, pieces)
+
+    def _put_extents(self, inode: Inode, position: int, pieces) -> None:
+        """Add EXTENT_DATA items for the (address, disk length, data length) pieces that write_data returned."""
         for addr, disk_len, data_len in pieces:
             num_bytes = round_up(data_len)
             extent = FileExtent(position, self.vol.transid, REGULAR, addr, disk_len, 0, num_bytes, 0)
-            self.tree.put((ino, EXTENT_DATA, position), extent.encode())
+            self.tree.put((inode.ino, EXTENT_DATA, position), extent.encode())
             inode.nbytes += num_bytes
             position += num_bytes
 
@@ -856,7 +874,9 @@ class FileSystem:
             if inline is not None:
                 self._uninline(inode)
             if size < inode.size:
+                # This also drops blocks that fallocate kept past the old size.
                 self._punch(inode, round_up(size), None)
+                inode.flags &= ~ondisk.INODE_PREALLOC
                 if size % BLOCK:
                     block = size - size % BLOCK
                     if any(True for _ in self.extents(ino, block, block + BLOCK)):
@@ -873,6 +893,211 @@ class FileSystem:
         inode.size = block  # nothing past block is merged back in
         self._write_blocks(inode, block, data)
         inode.size = saved
+
+    # -- holes and preallocation --------------------------------------------------
+
+    def _regular_file(self, ino: int) -> Inode:
+        inode = self.get_inode(ino)
+        if inode.is_dir:
+            raise IsADirectory("Is a directory")
+        if not inode.is_reg:
+            raise InvalidArgument("Invalid argument: not a regular file")
+        return inode
+
+    def seek_data(self, ino: int, offset: int) -> int:
+        """Return the first offset at or after offset that lies in data, as lseek(2) SEEK_DATA does.
+
+        Data is any range with an extent, inline or regular, so blocks that
+        fallocate allocated count as data.  Raises NoSuchOffset (ENXIO) when
+        offset is negative or not below the size, or only a hole follows it.
+        """
+        inode = self._regular_file(ino)
+        if offset < 0 or offset >= inode.size:
+            raise NoSuchOffset(f"No such device or address: offset {offset} is not below the file size {inode.size}")
+        for extent in self.extents(ino, offset, inode.size):
+            start = max(extent.offset, offset)
+            if start < extent.end:
+                return start
+        raise NoSuchOffset(f"No such device or address: no data at or after offset {offset}")
+
+    def seek_hole(self, ino: int, offset: int) -> int:
+        """Return the first offset at or after offset that lies in a hole, as lseek(2) SEEK_HOLE does.
+
+        A hole is a range without an extent.  The end of the file counts as
+        a hole, so the size is returned when only data follows offset.
+        Raises NoSuchOffset (ENXIO) when offset is negative or not below the size.
+        """
+        inode = self._regular_file(ino)
+        if offset < 0 or offset >= inode.size:
+            raise NoSuchOffset(f"No such device or address: offset {offset} is not below the file size {inode.size}")
+        position = offset
+        for extent in self.extents(ino, offset, inode.size):
+            if extent.offset > position:
+                break
+            position = max(position, extent.end)
+            if position >= inode.size:
+                break
+        return min(position, inode.size)
+
+    def fallocate(self, ino: int, mode: int, offset: int, length: int) -> None:
+        """Allocate, punch or zero the byte range [offset, offset + length) of file ino, as fallocate(2) does.
+
+        - mode 0 writes zero-filled blocks into the holes of the range and
+          leaves data alone; the size grows to offset + length if smaller.
+          FALLOC_FL_KEEP_SIZE keeps the size, and blocks past it are kept
+          too (the inode gets the PREALLOC flag).
+        - FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE frees the blocks inside
+          the range and writes zeros into the partial blocks at its ends.
+        - FALLOC_FL_ZERO_RANGE punches the range, then allocates it as mode
+          0 does, with or without FALLOC_FL_KEEP_SIZE.
+
+        Before it changes anything, it checks that the blocks to allocate fit
+        and raises NoSpaceError if not.  Like Linux 6.18 (tried on ext4 and
+        through FUSE), it raises NotSupported (EOPNOTSUPP) for PUNCH_HOLE
+        without KEEP_SIZE or with ZERO_RANGE.  COLLAPSE_RANGE, INSERT_RANGE,
+        UNSHARE_RANGE and unknown bits raise NotSupported too.
+        """
+        self._check_fallocate_mode(mode)
+        if offset < 0 or length <= 0:
+            raise InvalidArgument(f"Invalid argument: offset {offset}, length {length}")
+        end = offset + length
+        if end > MAX_FILE_SIZE:
+            raise FileTooLarge(f"File too large: offset {offset} + length {length} is past {MAX_FILE_SIZE}")
+        self._writable()
+        inode = self._regular_file(ino)
+        keep_size = bool(mode & FALLOC_FL_KEEP_SIZE)
+        first_block = offset - offset % BLOCK
+        if mode & FALLOC_FL_PUNCH_HOLE:
+            self._zero_range(inode, offset, end)
+            changed = True
+        else:
+            zero = bool(mode & FALLOC_FL_ZERO_RANGE)
+            changed = zero
+            inline = self._inline_extent(ino)
+            if inline is not None and end <= inode.size:
+                # Inline data has no holes, so the range needs zeroing at most.
+                if zero:
+                    self._zero_range(inode, offset, end)
+            else:
+                if zero:
+                    # An upper bound: every block of the range, the partial ones included.
+                    needed = round_up(end) - first_block
+                else:
+                    needed = sum(hi - lo for lo, hi in self._holes(ino, first_block, round_up(end)))
+                if inline is not None:
+                    needed += BLOCK
+                # NOTE: the check is an estimate.  An allocation that still fails
+                # (free space in small pieces, a full host disk) leaves part of
+                # the range allocated in the running transaction.
+                self._check_free_space(needed)
+                if inline is not None:
+                    self._uninline(inode)
+                if zero:
+                    self._zero_range(inode, offset, end)
+                allocated = self._allocate_holes(inode, first_block, round_up(end))
+                if keep_size and allocated and round_up(end) > round_up(inode.size):
+                    inode.flags |= ondisk.INODE_PREALLOC
+        now = time.time_ns()
+        if not keep_size and end > inode.size:
+            inode.size = end
+            changed = True
+        if changed:
+            inode.mtime_ns = now
+        inode.ctime_ns = now
+        self.put_inode(inode)
+
+    @staticmethod
+    def _check_fallocate_mode(mode: int) -> None:
+        """Raise NotSupported for a mode that Linux rejects or that cowtree does not implement."""
+        known = (FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_NO_HIDE_STALE | FALLOC_FL_COLLAPSE_RANGE
+                 | FALLOC_FL_ZERO_RANGE | FALLOC_FL_INSERT_RANGE | FALLOC_FL_UNSHARE_RANGE)
+        if mode < 0 or mode & ~known:
+            raise NotSupported(f"Operation not supported: fallocate mode {mode:#x} has unknown bits")
+        if mode & FALLOC_FL_PUNCH_HOLE and mode & FALLOC_FL_ZERO_RANGE:
+            raise NotSupported("Operation not supported: FALLOC_FL_PUNCH_HOLE with FALLOC_FL_ZERO_RANGE")
+        if mode & FALLOC_FL_PUNCH_HOLE and not mode & FALLOC_FL_KEEP_SIZE:
+            raise NotSupported("Operation not supported: FALLOC_FL_PUNCH_HOLE without FALLOC_FL_KEEP_SIZE")
+        if mode & (FALLOC_FL_COLLAPSE_RANGE | FALLOC_FL_INSERT_RANGE | FALLOC_FL_UNSHARE_RANGE | FALLOC_FL_NO_HIDE_STALE):
+            raise NotSupported(f"Operation not supported: fallocate mode {mode:#x}")
+
+    def _holes(self, ino: int, start: int, stop: int):
+        """Yield (start, end) of each block-aligned range inside [start, stop) that no extent covers."""
+        position = start
+        for extent in list(self.extents(ino, start, stop)):
+            if extent.offset > position:
+                yield position, min(extent.offset, stop)
+            position = max(position, round_up(extent.end))
+            if position >= stop:
+                return
+        if position < stop:
+            yield position, stop
+
+    def _check_free_space(self, needed: int) -> None:
+        """Raise NoSpaceError unless needed bytes of new data blocks fit in the image now.
+
+        Free space is counted as df counts it.  With a size limit, it is what
+        the limit leaves after the used bytes, the superblock area and the
+        reserve kept for deletions.  Without one, it is the free space inside
+        the image plus the host's.  The new EXTENT_DATA items need node space
+        too, estimated as four nodes and 128 bytes per data extent.
+        """
+        if needed <= 0:
+            return
+        vol = self.vol
+        needed += 4 * vol.nodesize + (needed // vol.max_extent + 1) * 128
+        used = ondisk.FIRST_ALLOC + vol.bytes_used + vol.pending_bytes()
+        limit = vol.sb.size_limit
+        if limit:
+            free = limit - vol.reserve - used
+        else:
+            host = os.statvfs(os.path.dirname(os.path.abspath(vol.path)))
+            free = max(0, vol.free.high_water - used) + host.f_bavail * host.f_frsize
+        if needed > free:
+            raise NoSpaceError(f"No space left on device: fallocate needs about {needed} bytes, "
+                               f"{max(free, 0)} are free in {self.label}")
+
+    def _allocate_holes(self, inode: Inode, start: int, stop: int) -> int:
+        """Write zero-filled blocks into every hole of the block-aligned range [start, stop); return the bytes."""
+        zeros = memoryview(bytes(min(ZERO_CHUNK, stop - start)))
+        allocated = 0
+        for lo, hi in list(self._holes(inode.ino, start, stop)):
+            position = lo
+            while position < hi:
+                length = min(ZERO_CHUNK, hi - position)
+                pieces = self.vol.write_data(zeros[:length], self.tree_id)
+                self._put_extents(inode, position, pieces)
+                position += length
+                allocated += length
+        return allocated
+
+    def _zero_range(self, inode: Inode, start: int, end: int) -> None:
+        """Make [start, end) of a file read as zeros: free its whole blocks and zero the partial ones.
+
+        A partial block with data below the size is rewritten with zeros in
+        the range.  Bytes past the size read as zeros already.
+        """
+        ino = inode.ino
+        inline = self._inline_extent(ino)
+        if inline is not None:
+            content = inline.inline[:inode.size]
+            if start < len(content):
+                content = content[:start] + bytes(min(end, len(content)) - start) + content[end:]
+                self.tree.put((ino, EXTENT_DATA, 0), FileExtent(0, self.vol.transid, INLINE, inline=content).encode())
+            return
+        partial_blocks = set()
+        if start % BLOCK:
+            partial_blocks.add(start - start % BLOCK)
+        if end % BLOCK:
+            partial_blocks.add(end - end % BLOCK)
+        for block in sorted(partial_blocks):
+            lo = max(start, block)
+            hi = min(end, block + BLOCK, inode.size)
+            if lo < hi and any(True for _ in self.extents(ino, block, block + BLOCK)):
+                self._write_blocks(inode, lo, bytes(hi - lo))
+        whole_start = round_up(start)
+        whole_end = end - end % BLOCK
+        if whole_start < whole_end:
+            self._punch(inode, whole_start, whole_end)
 
     def clone_file(self, src_fs: "FileSystem", src_ino: int, dst_ino: int) -> None:
         """Make file dst_ino share all of src_ino's data extents (a reflink copy).
@@ -906,6 +1131,8 @@ class FileSystem:
             else:
                 dst.nbytes = len(extent.inline)
         dst.size = src.size
+        # The source's blocks past its size, if any, came along.
+        dst.flags = (dst.flags & ~ondisk.INODE_PREALLOC) | (src.flags & ondisk.INODE_PREALLOC)
         dst.mtime_ns = dst.ctime_ns = time.time_ns()
         self.put_inode(dst)
 

@@ -259,6 +259,9 @@ EXTENT_FLAG_TREE_BLOCK = 2
 # INODE_ITEM, key (ino, INODE_ITEM, 0).  Times are nanoseconds since the
 # epoch.  ``nbytes`` counts the bytes of blocks the file's extents cover,
 # for st_blocks.  ``seq`` is the next DIR_INDEX offset of a directory.
+#
+#   flags: bit 0 PREALLOC (file extents may lie past the size, allocated by
+#   fallocate with FALLOC_FL_KEEP_SIZE); others 0.
 INODE_ITEM_S = Struct(
     "generation" / Int64ul,
     "size" / Int64ul,
@@ -275,6 +278,8 @@ INODE_ITEM_S = Struct(
     "ctime_ns" / Int64sl,
     "otime_ns" / Int64sl,
 )
+
+INODE_PREALLOC = 1
 
 # INODE_REF, key (ino, INODE_REF, parent ino): one entry per name the inode
 # has in that parent, each the fixed part below and then the name.

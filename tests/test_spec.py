@@ -173,6 +173,7 @@ def test_constants_table_matches_ondisk():
     ("ROOT_ITEM_S", "flags", "ROOT_"),
     ("EXTENT_ITEM_S", "flags", "EXTENT_FLAG_"),
     ("SUPERBLOCK", "incompat_flags", "INCOMPAT_"),
+    ("INODE_ITEM_S", "flags", "INODE_"),
 ])
 def test_flag_table_matches_ondisk(struct_name, field, prefix):
     rows = tables()[("flags", f"{struct_name}.{field}")]
