@@ -2,12 +2,19 @@
 
 Caveats first:
 
-- pyfuse3 3.5 has no ``lseek`` handler, so the kernel handles SEEK_DATA and
-  SEEK_HOLE itself with its generic rule: the whole file is data, and the
-  only hole is at the end of the file.
-- pyfuse3 3.5 has no ``fallocate`` handler either, so fallocate(2) and
-  posix_fallocate(3) through the mount fail with EOPNOTSUPP (glibc's
-  posix_fallocate then falls back to writing zeros).
+- pyfuse3 3.5 registers no ``lseek`` and no ``fallocate`` operation with
+  libfuse.  The C extension cowtree._fuse_ops adds both: it defines
+  fuse_session_new(), which pyfuse3's call binds to because this module
+  loads the extension into the global symbol scope before importing
+  pyfuse3.  The ``lseek`` and ``fallocate`` methods below run synchronously
+  from C, inside pyfuse3's request processing.  Without the extension (no C
+  compiler or libfuse 3 headers at install time, or libfuse 3.17 headers,
+  where fuse_session_new is a macro), the mount logs a warning and the
+  kernel's generic behaviour applies: SEEK_DATA and SEEK_HOLE treat the
+  whole file as data, and fallocate(2) fails with EOPNOTSUPP.
+- Blocks that fallocate allocates are data to SEEK_DATA, and a later write
+  to them allocates new blocks (copy-on-write), so fallocate does not
+  guarantee that later writes find space.
 - Access times are never updated by reads (as with ``noatime``).
 - POSIX ACLs are not supported: their xattrs fail with EOPNOTSUPP.
 - A mutating operation that fails half-way (no space, a corrupt node, a bug)
@@ -33,6 +40,7 @@ commit.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import errno
 import functools
@@ -43,8 +51,35 @@ import stat as stat_module
 import subprocess
 import sys
 
-import pyfuse3
-import trio
+
+def _load_fuse_ops():
+    """Import cowtree._fuse_ops into the global symbol scope; return (module or None, why not).
+
+    This must run before pyfuse3 is imported: Python loads extensions with
+    RTLD_NOW, so pyfuse3's reference to fuse_session_new is bound when it
+    loads, to the first definition in the global scope.
+    """
+    if "pyfuse3" in sys.modules:
+        return None, "pyfuse3 was imported before cowtree.fuse, so its fuse_session_new is bound to libfuse's"
+    try:
+        from . import _fuse_ops
+    except ImportError as exc:
+        return None, f"the cowtree._fuse_ops extension is not built ({exc}); reinstall cowtree with a C compiler " \
+                     f"and the libfuse 3 headers (Debian: gcc libfuse3-dev)"
+    if not _fuse_ops.INTERPOSITION_BUILT:
+        return None, f"cowtree._fuse_ops was built without its fuse_session_new: {_fuse_ops.NO_INTERPOSITION_REASON}"
+    try:
+        # Loading the already imported library again with RTLD_GLOBAL adds it to the global scope.
+        ctypes.CDLL(_fuse_ops.__file__, mode=os.RTLD_GLOBAL | os.RTLD_NOW)
+    except OSError as exc:
+        return None, f"loading {_fuse_ops.__file__} into the global symbol scope failed: {exc}"
+    return _fuse_ops, ""
+
+
+_fuse_ops, _FUSE_OPS_MISSING = _load_fuse_ops()
+
+import pyfuse3  # noqa: E402 - must follow _load_fuse_ops()
+import trio  # noqa: E402
 
 from . import ondisk
 from .errors import CorruptionError, CowtreeError, CrossDevice, FsError, NoSpaceError, NotADirectory, ReadOnly
@@ -88,34 +123,47 @@ class OpenFile:
     append: bool        # opened with O_APPEND: every write goes to the end
 
 
-def _fuse_operation(mutating: bool):
+def _run_request(self, body, args, mutating: bool):
+    """Run one handler body; map every error to pyfuse3.FUSEError with its errno."""
+    before = self.vol.changes
+    try:
+        try:
+            return body(self, *args)
+        except NoSpaceError:
+            # Space freed in the running transaction is free only once
+            # it is committed, so commit and try once more, as Btrfs
+            # does, when the request itself changed nothing.
+            if not mutating or self.vol.changes != before or not self.vol.has_changes():
+                raise
+            self.vol.commit()
+            before = self.vol.changes
+            return body(self, *args)
+    except pyfuse3.FUSEError:
+        raise
+    except BaseException as exc:   # noqa: B902 - every error must become an errno reply
+        # A request that failed before changing anything has nothing to undo.
+        changed = mutating and self.vol.changes != before
+        raise pyfuse3.FUSEError(self.errno_of(body.__name__, args, exc, changed)) from None
+
+
+def _fuse_operation(mutating: bool, sync: bool = False):
     """Wrap a synchronous handler body as a pyfuse3 handler with one errno mapping.
 
     The body never awaits, so each request runs to completion before the
     next one starts, and two requests never change the transaction at once.
+    With sync, the handler stays a plain function, for the lseek and
+    fallocate requests that cowtree._fuse_ops calls from C.
     """
     def wrap(body):
+        if sync:
+            @functools.wraps(body)
+            def sync_handler(self, *args):
+                return _run_request(self, body, args, mutating)
+            return sync_handler
+
         @functools.wraps(body)
         async def handler(self, *args):
-            before = self.vol.changes
-            try:
-                try:
-                    return body(self, *args)
-                except NoSpaceError:
-                    # Space freed in the running transaction is free only once
-                    # it is committed, so commit and try once more, as Btrfs
-                    # does, when the request itself changed nothing.
-                    if not mutating or self.vol.changes != before or not self.vol.has_changes():
-                        raise
-                    self.vol.commit()
-                    before = self.vol.changes
-                    return body(self, *args)
-            except pyfuse3.FUSEError:
-                raise
-            except BaseException as exc:   # noqa: B902 - every error must become an errno reply
-                # A request that failed before changing anything has nothing to undo.
-                changed = mutating and self.vol.changes != before
-                raise pyfuse3.FUSEError(self.errno_of(body.__name__, args, exc, changed)) from None
+            return _run_request(self, body, args, mutating)
         return handler
     return wrap
 
@@ -466,6 +514,28 @@ class CowtreeOperations(pyfuse3.Operations):
     def fsync(self, fh, datasync):
         self.commit()
 
+    def handle_of(self, fh: int) -> OpenFile:
+        handle = self.handles.get(fh)
+        if handle is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        return handle
+
+    @_fuse_operation(mutating=False, sync=True)
+    def lseek(self, inode, fh, off, whence):
+        # The kernel sends only SEEK_DATA and SEEK_HOLE; it handles the other whence values itself.
+        handle = self.handle_of(fh)
+        if whence == os.SEEK_DATA:
+            return handle.fs.seek_data(handle.ino, off)
+        if whence == os.SEEK_HOLE:
+            return handle.fs.seek_hole(handle.ino, off)
+        raise pyfuse3.FUSEError(errno.EINVAL)
+
+    @_fuse_operation(mutating=True, sync=True)
+    def fallocate(self, inode, fh, mode, offset, length):
+        # The kernel returns EBADF itself for a handle opened without write access.
+        handle = self.handle_of(fh)
+        handle.fs.fallocate(handle.ino, mode, offset, length)
+
     # -- directories -----------------------------------------------------------------
 
     @_fuse_operation(mutating=False)
@@ -622,6 +692,11 @@ def reject_acl(name: bytes) -> None:
 
 # -- mounting ----------------------------------------------------------------------------
 
+def seek_and_fallocate_supported() -> bool:
+    """Return True when the FUSE session has cowtree's lseek and fallocate handlers (see cowtree._fuse_ops)."""
+    return _fuse_ops is not None and _fuse_ops.interposed()
+
+
 def split_image_spec(spec: str) -> tuple[str, str | None]:
     """Split IMAGE[@SNAPSHOT] into the image path and the snapshot name (or None).
 
@@ -679,10 +754,16 @@ class Mount:
                 fuse_options.add("ro")
             if options.allow_other:
                 fuse_options.add("allow_other")
+            if _fuse_ops is not None:
+                _fuse_ops.set_handlers(self.ops.lseek, self.ops.fallocate)
             pyfuse3.init(self.ops, options.mountpoint, fuse_options)
         except BaseException:
             self.volume.close()
             raise
+        if not seek_and_fallocate_supported():
+            reason = _FUSE_OPS_MISSING or "pyfuse3 did not create its session through cowtree._fuse_ops"
+            log.warning("%s: SEEK_DATA and SEEK_HOLE report the whole file as data, and fallocate fails with "
+                        "EOPNOTSUPP, because %s", options.mountpoint, reason)
         log.info("mounted %s at %s (%s, generation %d)", fs.label, options.mountpoint,
                  "read-only" if fs.readonly else "read-write", self.volume.generation)
 

@@ -419,22 +419,239 @@ def test_o_append_writes_at_end(workdir):
     assert read_file(path) == b"start:abbcccd"
 
 
-def test_seek_data_hole_generic(workdir):
-    # pyfuse3 3.5 has no lseek handler, so the kernel's generic rule applies:
-    # all of the file is data and the only hole starts at the end of the file.
-    path = os.path.join(workdir, "sparse")
+# -- lseek SEEK_DATA/SEEK_HOLE and fallocate through cowtree._fuse_ops ----------------------
+
+NO_SEEK_WARNING = "SEEK_DATA and SEEK_HOLE report the whole file as data"
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+
+def missing_fuse_ops_piece() -> str | None:
+    """Return what keeps cowtree._fuse_ops from adding lseek and fallocate to mounts, or None."""
+    try:
+        from cowtree import _fuse_ops
+    except ImportError as exc:
+        return f"cowtree._fuse_ops not built ({exc}): install gcc and libfuse3-dev, then pip install -e ."
+    if not _fuse_ops.INTERPOSITION_BUILT:
+        return f"cowtree._fuse_ops built without fuse_session_new: {_fuse_ops.NO_INTERPOSITION_REASON}"
+    return None
+
+
+@pytest.fixture
+def fuse_ops(shared_mount):
+    """Skip unless the mount has cowtree's lseek and fallocate handlers; in CI, fail instead."""
+    missing = missing_fuse_ops_piece()
+    if missing and os.environ.get("CI"):
+        pytest.fail(f"{missing}; CI installs gcc and libfuse3-dev, so the extension must be built")
+    if missing:
+        pytest.skip(missing)
+    assert NO_SEEK_WARNING not in shared_mount.output()
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """Call fallocate(2); raise OSError on failure."""
+    if LIBC.fallocate(fd, mode, ctypes.c_long(offset), ctypes.c_long(length)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def fallocate_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([need_tool("fallocate"), *args], capture_output=True, text=True)
+
+
+def make_sparse(path: str) -> None:
+    """Write a 1 MiB file whose only data is four bytes at 512 KiB (so one block)."""
     with open(path, "wb") as f:
         f.truncate(1 << 20)
         f.seek(512 << 10)
         f.write(b"data")
+
+
+def test_seek_data_hole_exact(workdir, fuse_ops):
+    path = os.path.join(workdir, "sparse")
+    make_sparse(path)
     fd = os.open(path, os.O_RDONLY)
     try:
-        assert os.lseek(fd, 0, os.SEEK_DATA) == 0
-        assert os.lseek(fd, 0, os.SEEK_HOLE) == 1 << 20
-        assert os.lseek(fd, 4096, os.SEEK_DATA) == 4096
+        assert os.lseek(fd, 0, os.SEEK_DATA) == 512 << 10
+        assert os.lseek(fd, 0, os.SEEK_HOLE) == 0
+        assert os.lseek(fd, 512 << 10, os.SEEK_HOLE) == (512 << 10) + 4096
+        assert os.lseek(fd, (512 << 10) + 100, os.SEEK_DATA) == (512 << 10) + 100
+        assert os.lseek(fd, (1 << 20) - 1, os.SEEK_HOLE) == (1 << 20) - 1
+        assert errno_of(os.lseek, fd, (512 << 10) + 4096, os.SEEK_DATA) == errno.ENXIO
         assert errno_of(os.lseek, fd, 1 << 20, os.SEEK_DATA) == errno.ENXIO
+        assert errno_of(os.lseek, fd, 1 << 20, os.SEEK_HOLE) == errno.ENXIO
     finally:
         os.close(fd)
+
+    small = os.path.join(workdir, "inline")
+    write_file(small, b"x" * 100)
+    dense = os.path.join(workdir, "dense")
+    write_file(dense, b"y" * 10000)
+    for name, size in ((small, 100), (dense, 10000)):
+        fd = os.open(name, os.O_RDONLY)
+        try:
+            assert os.lseek(fd, 0, os.SEEK_DATA) == 0
+            assert os.lseek(fd, 0, os.SEEK_HOLE) == size
+        finally:
+            os.close(fd)
+
+
+def test_seek_in_snapshot(shared_mount, fuse_ops):
+    snapshot_file = os.path.join(shared_mount.mountpoint, ".snapshots", "before", "in-snapshot")
+    fd = os.open(snapshot_file, os.O_RDONLY)
+    try:
+        assert os.lseek(fd, 0, os.SEEK_DATA) == 0
+        assert os.lseek(fd, 0, os.SEEK_HOLE) == len(b"snapshot data")
+        assert errno_of(fallocate, fd, 0, 0, 4096) == errno.EBADF
+    finally:
+        os.close(fd)
+    assert errno_of(os.open, snapshot_file, os.O_RDWR) == errno.EROFS
+
+
+def test_posix_fallocate_allocates(shared_mount, workdir, fuse_ops):
+    path = os.path.join(workdir, "sparse")
+    make_sparse(path)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, 3 << 20)
+        st = os.fstat(fd)
+        assert st.st_size == 3 << 20
+        assert st.st_blocks == (3 << 20) // 512
+        assert os.lseek(fd, 0, os.SEEK_DATA) == 0
+        assert os.lseek(fd, 0, os.SEEK_HOLE) == 3 << 20
+    finally:
+        os.close(fd)
+    assert read_file(path) == bytes(512 << 10) + b"data" + bytes((3 << 20) - (512 << 10) - 4)
+
+
+def test_fallocate_syscall_modes(workdir, fuse_ops):
+    path = os.path.join(workdir, "f")
+    content = bytes(range(256)) * 40
+    write_file(path, content)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fallocate(fd, 0, 0, 1 << 20)
+        st = os.fstat(fd)
+        assert (st.st_size, st.st_blocks) == (1 << 20, 2048)
+        fallocate(fd, FALLOC_FL_KEEP_SIZE, 1 << 20, 1 << 20)
+        st = os.fstat(fd)
+        assert (st.st_size, st.st_blocks) == (1 << 20, 4096)
+        fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 4096, 8192)
+        st = os.fstat(fd)
+        assert (st.st_size, st.st_blocks) == (1 << 20, 4096 - 16)
+        assert os.lseek(fd, 0, os.SEEK_HOLE) == 4096
+        assert os.lseek(fd, 4096, os.SEEK_DATA) == 12288
+        fallocate(fd, FALLOC_FL_ZERO_RANGE, 100, 200)
+        assert os.fstat(fd).st_size == 1 << 20
+        # The kernel rejects these before they reach the mount, with the errno cowtree's fallocate uses too.
+        assert errno_of(fallocate, fd, FALLOC_FL_PUNCH_HOLE, 0, 4096) == errno.EOPNOTSUPP
+        assert errno_of(fallocate, fd, 0x08, 0, 4096) == errno.EOPNOTSUPP   # FALLOC_FL_COLLAPSE_RANGE
+    finally:
+        os.close(fd)
+    expected = bytearray(content + bytes((1 << 20) - len(content)))
+    expected[4096:12288] = bytes(8192)
+    expected[100:300] = bytes(200)
+    assert read_file(path) == bytes(expected)
+
+    readonly = os.open(path, os.O_RDONLY)
+    try:
+        assert errno_of(fallocate, readonly, 0, 0, 4096) == errno.EBADF
+    finally:
+        os.close(readonly)
+
+
+@pytest.mark.parametrize("args, size, blocks, zeroed", [
+    (["-l", "1MiB"], 1 << 20, 2048, None),
+    (["--keep-size", "-l", "1MiB"], 10000, 2048, None),
+    (["--punch-hole", "-o", "4096", "-l", "4096"], 10000, 16, (4096, 8192)),
+    (["--zero-range", "-o", "100", "-l", "200"], 10000, 24, (100, 300)),
+    (["--zero-range", "-o", "8000", "-l", "10000"], 18000, 40, (8000, 18000)),
+    (["--zero-range", "--keep-size", "-o", "8000", "-l", "10000"], 10000, 40, (8000, 10000)),
+], ids=["mode-0", "keep-size", "punch-hole", "zero-range", "zero-range-extends", "zero-range-keep-size"])
+def test_fallocate_cli_modes(workdir, fuse_ops, args, size, blocks, zeroed):
+    path = os.path.join(workdir, "f")
+    content = bytes(range(1, 251)) * 40
+    write_file(path, content)
+    result = fallocate_cli(*args, path)
+    assert result.returncode == 0, result.stderr
+    st = os.stat(path)
+    assert (st.st_size, st.st_blocks) == (size, blocks)
+    expected = bytearray(content.ljust(size, b"\0")[:size])
+    if zeroed:
+        expected[zeroed[0]:zeroed[1]] = bytes(zeroed[1] - zeroed[0])
+    assert read_file(path) == bytes(expected)
+
+
+def test_fallocate_cli_collapse_not_supported(workdir, fuse_ops):
+    path = os.path.join(workdir, "f")
+    write_file(path, b"c" * 20000)
+    result = fallocate_cli("--collapse-range", "-o", "0", "-l", "4096", path)
+    assert result.returncode != 0
+    assert "Operation not supported" in result.stderr
+    assert read_file(path) == b"c" * 20000
+
+
+def test_sparse_copies_follow_extents(workdir, fuse_ops, tmp_path):
+    # Data: one block at 512 KiB and 256 KiB of written zeros at 768 KiB.  Zero
+    # detection would take the zeros for a hole; SEEK_DATA reports them as
+    # data, so the archive's size shows that tar used SEEK_DATA and SEEK_HOLE.
+    path = os.path.join(workdir, "sparse")
+    make_sparse(path)
+    with open(path, "r+b") as f:
+        f.seek(768 << 10)
+        f.write(bytes(256 << 10))
+    assert os.stat(path).st_blocks == (260 << 10) // 512
+    archive = str(tmp_path / "sparse.tar")
+    subprocess.run(["tar", "--hole-detection=seek", "-S", "-C", workdir, "-cf", archive, "sparse"], check=True)
+    assert 260 << 10 <= os.path.getsize(archive) < 280 << 10
+    extracted = tmp_path / "extracted"
+    extracted.mkdir()
+    subprocess.run(["tar", "-C", str(extracted), "-xf", archive], check=True)
+    assert read_file(str(extracted / "sparse")) == read_file(path)
+
+    # cp --sparse=auto (coreutils 9.1) also makes holes of zero runs inside data.
+    copy = str(tmp_path / "copy")
+    subprocess.run(["cp", "--sparse=auto", path, copy], check=True)
+    assert read_file(copy) == read_file(path)
+    assert os.stat(copy).st_blocks <= (260 << 10) // 512
+
+    # Back into the mount, zero detection makes holes of the zeros.
+    back = os.path.join(workdir, "back")
+    subprocess.run(["cp", "--sparse=always", copy, back], check=True)
+    assert read_file(back) == read_file(path)
+    assert os.stat(back).st_blocks == 8
+
+
+def test_fallocate_enospc_keeps_mount_writable(mount_image, tmp_path):
+    mkfs(str(tmp_path / "small.img"), size_limit=8 << 20).close()
+    mounted = mount_image("small.img", create=False, commit_interval=600)
+    if NO_SEEK_WARNING in mounted.output():
+        pytest.skip(missing_fuse_ops_piece() or "the mount has no fallocate handler")
+    path = mounted.path("f")
+    write_file(path, b"before")
+    fd = os.open(path, os.O_RDWR)
+    try:
+        assert errno_of(fallocate, fd, 0, 0, 32 << 20) == errno.ENOSPC
+        assert errno_of(os.posix_fallocate, fd, 0, 32 << 20) == errno.ENOSPC
+        assert os.fstat(fd).st_size == 6
+        free_before = os.statvfs(mounted.mountpoint).f_bfree
+        fallocate(fd, 0, 0, 1 << 20)
+        assert os.fstat(fd).st_size == 1 << 20
+        # 1 MiB less the block that had data: 255 blocks of 4 KiB, plus some nodes.
+        assert 255 <= free_before - os.statvfs(mounted.mountpoint).f_bfree < 300
+    finally:
+        os.close(fd)
+    write_file(mounted.path("after"), b"still writable")
+    assert mounted.unmount() == 0
+    volume = assert_image_clean(str(tmp_path / "small.img"))
+    try:
+        fs = live(volume)
+        assert fs.read(fs.resolve(b"/f"), 0, 10) == b"before" + bytes(4)
+        assert fs.get_inode(fs.resolve(b"/f")).size == 1 << 20
+        assert fs.read(fs.resolve(b"/after"), 0, 100) == b"still writable"
+    finally:
+        volume.close()
 
 
 def test_sparse_file_st_blocks(workdir):
@@ -625,6 +842,9 @@ STRESSORS = [
 @pytest.mark.parametrize("stressor", STRESSORS, ids=[s[0].lstrip("-") for s in STRESSORS])
 def test_stress_ng(shared_mount, workdir, stressor):
     need_tool("stress-ng")
+    if stressor[0] == "--fallocate" and missing_fuse_ops_piece() is None:
+        # With the mount's fallocate handler, the stressor's calls reach the filesystem.
+        assert NO_SEEK_WARNING not in shared_mount.output()
     result = subprocess.run(["stress-ng", *stressor, "--timeout", "3s", "--verify", "--metrics-brief",
                              "--temp-path", workdir], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
