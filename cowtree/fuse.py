@@ -778,6 +778,8 @@ class Mount:
                 self.ops.commit()
             finally:
                 pyfuse3.close(unmount=not unmounted)
+                if _fuse_ops is not None:
+                    _fuse_ops.set_handlers(None, None)
                 self.volume.close()
         log.info("unmounted %s at generation %d", self.options.mountpoint, self.volume.generation)
 

@@ -81,7 +81,8 @@ MOUNT_SCRIPT = textwrap.dedent("""
 class MountedImage:
     """A mount process serving one image at one mountpoint."""
 
-    def __init__(self, image: str, mountpoint: str, commit_interval: float = 5.0, readonly: bool = False):
+    def __init__(self, image: str, mountpoint: str, commit_interval: float = 5.0, readonly: bool = False,
+                 script: str = MOUNT_SCRIPT):
         self.image = image.partition("@")[0]
         self.mountpoint = mountpoint
         os.makedirs(mountpoint, exist_ok=True)
@@ -92,7 +93,7 @@ class MountedImage:
         self.log_path = mountpoint.rstrip("/") + ".log"
         self.log = open(self.log_path, "wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-c", MOUNT_SCRIPT, image, mountpoint, str(commit_interval),
+            [sys.executable, "-c", script, image, mountpoint, str(commit_interval),
              "ro" if readonly else "rw"], stdout=self.log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + MOUNT_TIMEOUT
         while not os.path.ismount(mountpoint):
@@ -438,14 +439,19 @@ def missing_fuse_ops_piece() -> str | None:
     return None
 
 
-@pytest.fixture
-def fuse_ops(shared_mount):
-    """Skip unless the mount has cowtree's lseek and fallocate handlers; in CI, fail instead."""
+def require_fuse_ops() -> None:
+    """Skip unless cowtree._fuse_ops can add lseek and fallocate to mounts; in CI, fail instead."""
     missing = missing_fuse_ops_piece()
     if missing and os.environ.get("CI"):
         pytest.fail(f"{missing}; CI installs gcc and libfuse3-dev, so the extension must be built")
     if missing:
         pytest.skip(missing)
+
+
+@pytest.fixture
+def fuse_ops(shared_mount):
+    """Require cowtree._fuse_ops, and check that the shared mount logged no warning about it."""
+    require_fuse_ops()
     assert NO_SEEK_WARNING not in shared_mount.output()
 
 
@@ -623,11 +629,56 @@ def test_sparse_copies_follow_extents(workdir, fuse_ops, tmp_path):
     assert os.stat(back).st_blocks == 8
 
 
+# A mount whose lseek and fallocate handlers return each kind of result, valid or not, that
+# cowtree._fuse_ops.set_handlers documents.
+BROKEN_HANDLERS_SCRIPT = textwrap.dedent("""
+    import errno, logging, sys
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    from cowtree import fuse
+    mounted = fuse.Mount(fuse.MountOptions(sys.argv[1], sys.argv[2]))
+
+    def lseek(ino, fh, off, whence):
+        return {1: -errno.EPERM, 2: "not an offset", 3: 1 << 70}.get(off, 12345)
+
+    def fallocate(ino, fh, mode, offset, length):
+        if mode == 0:
+            raise OSError(errno.EDQUOT, "quota")
+        raise RuntimeError("handler bug")
+
+    fuse._fuse_ops.set_handlers(lseek, fallocate)
+    mounted.serve()
+""")
+
+
+def test_fuse_ops_handler_results(mount_image):
+    require_fuse_ops()
+    mounted = mount_image(script=BROKEN_HANDLERS_SCRIPT)
+    path = mounted.path("f")
+    write_file(path, b"x" * 100)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        assert os.lseek(fd, 0, os.SEEK_DATA) == 12345
+        assert errno_of(os.lseek, fd, 1, os.SEEK_DATA) == errno.EPERM
+        assert errno_of(os.lseek, fd, 2, os.SEEK_HOLE) == errno.EIO
+        assert errno_of(os.lseek, fd, 3, os.SEEK_DATA) == errno.EIO
+        assert errno_of(fallocate, fd, 0, 0, 4096) == errno.EDQUOT
+        assert errno_of(fallocate, fd, FALLOC_FL_KEEP_SIZE, 0, 4096) == errno.EIO
+    finally:
+        os.close(fd)
+    assert mounted.unmount() == 0
+    log = mounted.output()
+    assert "lseek handler raised an unexpected exception; replied EIO" in log
+    assert "TypeError: lseek handler returned 'not an offset', expected an int or None" in log
+    assert "OverflowError" in log
+    assert "fallocate handler raised an unexpected exception; replied EIO" in log
+    assert "RuntimeError: handler bug" in log
+    assert "quota" not in log
+
+
 def test_fallocate_enospc_keeps_mount_writable(mount_image, tmp_path):
+    require_fuse_ops()
     mkfs(str(tmp_path / "small.img"), size_limit=8 << 20).close()
     mounted = mount_image("small.img", create=False, commit_interval=600)
-    if NO_SEEK_WARNING in mounted.output():
-        pytest.skip(missing_fuse_ops_piece() or "the mount has no fallocate handler")
     path = mounted.path("f")
     write_file(path, b"before")
     fd = os.open(path, os.O_RDWR)
