@@ -132,11 +132,12 @@ errno_of_exception(void)
 }
 
 /*
- * Call handler(*args) and reply to req.  A result of None or an int of 0 or
- * more is success: lseek replies with it as the offset, fallocate with no
- * error.  A negative int is a negated errno.  An exception with an errno
- * attribute replies that errno; any other exception, or a result of another
- * type, replies EIO and is logged.  Steals the reference to args.
+ * Call handler(*args) and reply to req.  An int of 0 or more is success:
+ * lseek replies with it as the offset, fallocate with no error, which None
+ * also means for fallocate.  A negative int is a negated errno.  An
+ * exception with an errno attribute replies that errno.  Any other
+ * exception, or a result of another type, replies EIO and is logged.
+ * Steals the reference to args.
  */
 static void
 call_and_reply(fuse_req_t req, PyObject *handler, PyObject *args, const char *operation, int reply_offset)
@@ -167,15 +168,17 @@ call_and_reply(fuse_req_t req, PyObject *handler, PyObject *args, const char *op
         return;
     }
 
+    /* fallocate may return None; lseek must return an offset. */
+    if (!PyLong_Check(result) && (result != Py_None || reply_offset)) {
+        PyErr_Format(PyExc_TypeError, "%s handler returned %R, expected %s", operation, result,
+                     reply_offset ? "an int" : "None or an int");
+        Py_DECREF(result);
+        log_exception(operation);
+        fuse_reply_err(req, EIO);
+        return;
+    }
     long long value = 0;
     if (result != Py_None) {
-        if (!PyLong_Check(result)) {
-            PyErr_Format(PyExc_TypeError, "%s handler returned %R, expected an int or None", operation, result);
-            Py_DECREF(result);
-            log_exception(operation);
-            fuse_reply_err(req, EIO);
-            return;
-        }
         value = PyLong_AsLongLong(result);
         if (value == -1 && PyErr_Occurred()) {
             Py_DECREF(result);

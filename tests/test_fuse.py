@@ -638,7 +638,7 @@ BROKEN_HANDLERS_SCRIPT = textwrap.dedent("""
     mounted = fuse.Mount(fuse.MountOptions(sys.argv[1], sys.argv[2]))
 
     def lseek(ino, fh, off, whence):
-        return {1: -errno.EPERM, 2: "not an offset", 3: 1 << 70}.get(off, 12345)
+        return {1: -errno.EPERM, 2: "not an offset", 3: 1 << 70, 4: None}.get(off, 12345)
 
     def fallocate(ino, fh, mode, offset, length):
         if mode == 0:
@@ -661,6 +661,7 @@ def test_fuse_ops_handler_results(mount_image):
         assert errno_of(os.lseek, fd, 1, os.SEEK_DATA) == errno.EPERM
         assert errno_of(os.lseek, fd, 2, os.SEEK_HOLE) == errno.EIO
         assert errno_of(os.lseek, fd, 3, os.SEEK_DATA) == errno.EIO
+        assert errno_of(os.lseek, fd, 4, os.SEEK_DATA) == errno.EIO
         assert errno_of(fallocate, fd, 0, 0, 4096) == errno.EDQUOT
         assert errno_of(fallocate, fd, FALLOC_FL_KEEP_SIZE, 0, 4096) == errno.EIO
     finally:
@@ -668,8 +669,9 @@ def test_fuse_ops_handler_results(mount_image):
     assert mounted.unmount() == 0
     log = mounted.output()
     assert "lseek handler raised an unexpected exception; replied EIO" in log
-    assert "TypeError: lseek handler returned 'not an offset', expected an int or None" in log
+    assert "TypeError: lseek handler returned 'not an offset', expected an int\n" in log
     assert "OverflowError" in log
+    assert "lseek handler returned None, expected an int\n" in log
     assert "fallocate handler raised an unexpected exception; replied EIO" in log
     assert "RuntimeError: handler bug" in log
     assert "quota" not in log
