@@ -18,7 +18,7 @@ import dataclasses
 import stat
 
 from cowtree import errors, ondisk
-from cowtree.fs import RENAME_EXCHANGE, FileSystem
+from cowtree.fs import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, RENAME_EXCHANGE, FileSystem
 
 ROOT = ondisk.ROOT_DIR_INO
 KIND_FORMAT = {"reg": stat.S_IFREG, "dir": stat.S_IFDIR, "lnk": stat.S_IFLNK}
@@ -280,6 +280,35 @@ class Driver:
         self.fs.truncate(ino, size)
         inode = self.model.inodes[ino]
         inode.data = inode.data[:size].ljust(size, b"\0")
+
+    def fallocate(self, ino: int, mode: int, offset: int, length: int):
+        """Apply fallocate.  Only PUNCH_HOLE and ZERO_RANGE change bytes (to zeros), and the size grows unless KEEP_SIZE."""
+        self.fs.fallocate(ino, mode, offset, length)
+        inode = self.model.inodes[ino]
+        content = inode.data
+        end = offset + length
+        if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE) and offset < len(content):
+            content = content[:offset] + bytes(min(end, len(content)) - offset) + content[end:]
+        if not mode & FALLOC_FL_KEEP_SIZE and end > len(content):
+            content = content.ljust(end, b"\0")
+        inode.data = content
+
+    def seek(self, ino: int, offset: int):
+        """Check SEEK_DATA and SEEK_HOLE from offset: the bytes they skip read as zeros."""
+        content = self.model.inodes[ino].data
+        if offset >= len(content):
+            self._run(errors.NoSuchOffset, lambda: self.fs.seek_data(ino, offset))
+            self._run(errors.NoSuchOffset, lambda: self.fs.seek_hole(ino, offset))
+            return
+        hole = self.fs.seek_hole(ino, offset)
+        assert offset <= hole <= len(content)
+        if any(content[offset:]):
+            data = self.fs.seek_data(ino, offset)
+            assert offset <= data < len(content)
+            assert not any(content[offset:data]), f"SEEK_DATA from {offset} to {data} skipped data"
+        if hole < len(content) and any(content[hole:]):
+            following = self.fs.seek_data(ino, hole)
+            assert not any(content[hole:following]), f"the hole at {hole} to {following} contains data"
 
     def chmod(self, ino: int, perm: int):
         self.fs.setattr(ino, mode=perm)

@@ -9,8 +9,10 @@ the last committed generation.
 
 Write offsets and lengths are drawn around the inline limit and around
 4 KiB block boundaries, and past the end of the file, so that inline data,
-partial blocks, extent splits and holes all occur.  Half of the runs use
-4096-byte nodes so the trees grow several levels deep.
+partial blocks, extent splits and holes all occur.  fallocate draws from
+the same offsets and lengths in each supported mode, and a seek step checks
+that SEEK_DATA and SEEK_HOLE skip only bytes that read as zeros.  Half of
+the runs use 4096-byte nodes so the trees grow several levels deep.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from cowtree import ondisk
 from cowtree.check import check_volume
-from cowtree.fs import XATTR_FLAG_CREATE
+from cowtree.fs import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, XATTR_FLAG_CREATE
 from cowtree.image import live, mkfs, open_image
 
 from fsmodel import ROOT, Driver, FsModel, assert_matches
@@ -180,6 +182,20 @@ class FileSystemMachine(RuleBasedStateMachine):
         size = data.draw(st.sampled_from([0, 1, self.fs.inline_max, self.fs.inline_max + 1, BLOCK - 1, BLOCK,
                                           BLOCK + 1, 3 * BLOCK + 17, 40000]), label="size")
         self.driver.truncate(ino, size)
+
+    @precondition(lambda self: self.model.files())
+    @rule(data=st.data(), length=lengths,
+          mode=st.sampled_from([0, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                                FALLOC_FL_ZERO_RANGE, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE]))
+    def fallocate(self, data, length, mode):
+        ino = data.draw(st.sampled_from(self.model.files()), label="file")
+        self.driver.fallocate(ino, mode, self._offset(data, ino), length)
+
+    @precondition(lambda self: self.model.files())
+    @rule(data=st.data())
+    def seek(self, data):
+        ino = data.draw(st.sampled_from(self.model.files()), label="file")
+        self.driver.seek(ino, self._offset(data, ino))
 
     @precondition(lambda self: self.model.files())
     @rule(data=st.data(), perm=st.sampled_from([0o600, 0o644, 0o4755, 0o000]))
