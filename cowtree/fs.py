@@ -226,9 +226,18 @@ class FileSystem:
     def tree(self):
         return self.vol.tree(self.tree_id)
 
-    def _writable(self) -> None:
+    def _writable(self, adds: int | None = None) -> None:
+        """Raise unless this filesystem may change.
+
+        An operation that adds items passes ``adds``, the bytes of data it
+        adds, and fails with no space before it changes anything when the
+        commit after it would not fit (Volume.check_space).  Operations that
+        only remove pass nothing, so they still work on a full image.
+        """
         if self.readonly:
             raise ReadOnly("Read-only file system")
+        if adds is not None:
+            self.vol.check_space(adds)
 
     # -- inodes --------------------------------------------------------------
 
@@ -386,7 +395,7 @@ class FileSystem:
     def mknod(self, dir_ino: int, name: bytes, mode: int, uid: int = 0, gid: int = 0, rdev: int = 0,
               now: int | None = None) -> Inode:
         """Create a file of any type but directory and symlink (regular, fifo, device, socket)."""
-        self._writable()
+        self._writable(0)
         check_name(name)
         parent = self._dir(dir_ino)
         if stat_module.S_IFMT(mode) == 0:
@@ -399,7 +408,7 @@ class FileSystem:
         return inode
 
     def mkdir(self, dir_ino: int, name: bytes, mode: int = 0o755, uid: int = 0, gid: int = 0) -> Inode:
-        self._writable()
+        self._writable(0)
         check_name(name)
         parent = self._dir(dir_ino)
         if parent.nlink >= LINK_MAX:
@@ -415,7 +424,7 @@ class FileSystem:
         return inode
 
     def symlink(self, dir_ino: int, name: bytes, target: bytes, uid: int = 0, gid: int = 0) -> Inode:
-        self._writable()
+        self._writable(len(target))
         check_name(name)
         if not target or b"\0" in target:
             raise InvalidArgument("invalid symlink target")
@@ -442,7 +451,7 @@ class FileSystem:
         return FileExtent.decode(0, data, f"inode {ino}").inline
 
     def link(self, ino: int, dir_ino: int, name: bytes) -> Inode:
-        self._writable()
+        self._writable(0)
         check_name(name)
         inode = self.get_inode(ino)
         if inode.is_dir:
@@ -523,7 +532,7 @@ class FileSystem:
         A replaced file whose last link goes is kept as an orphan when
         ``keep_if_open(ino)`` returns True, as in :meth:`unlink`.
         """
-        self._writable()
+        self._writable(0)
         if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
             raise InvalidArgument("Invalid argument")
         check_name(new_name)
@@ -651,7 +660,7 @@ class FileSystem:
         raise NoData("No data available")
 
     def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
-        self._writable()
+        self._writable(len(name) + len(value))
         if not name or len(name) > 255:
             raise RangeError("Numerical result out of range") if name else InvalidArgument("empty xattr name")
         inode = self.get_inode(ino)
@@ -761,6 +770,7 @@ class FileSystem:
         length = len(data)
         if length == 0:
             return 0
+        self.vol.check_space(length)
         end = offset + length
         tree = self.tree
         now = time.time_ns()
@@ -1035,23 +1045,21 @@ class FileSystem:
     def _check_free_space(self, needed: int) -> None:
         """Raise NoSpaceError unless needed bytes of new data blocks fit in the image now.
 
-        Free space is counted as df counts it.  With a size limit, it is what
-        the limit leaves after the used bytes, the superblock area and the
-        reserve kept for deletions.  Without one, it is the free space inside
-        the image plus the host's.  The new EXTENT_DATA items need node space
-        too, estimated as four nodes and 128 bytes per data extent.
+        With a size limit, Volume.check_space decides.  Without one, free
+        space is the free space inside the image plus the host's, and the new
+        EXTENT_DATA items need node space too, estimated as four nodes and
+        128 bytes per data extent.
         """
         if needed <= 0:
             return
         vol = self.vol
+        if vol.sb.size_limit:
+            vol.check_space(needed)
+            return
         needed += 4 * vol.nodesize + (needed // vol.max_extent + 1) * 128
         used = ondisk.FIRST_ALLOC + vol.bytes_used + vol.pending_bytes()
-        limit = vol.sb.size_limit
-        if limit:
-            free = limit - vol.reserve - used
-        else:
-            host = os.statvfs(os.path.dirname(os.path.abspath(vol.path)))
-            free = max(0, vol.free.high_water - used) + host.f_bavail * host.f_frsize
+        host = os.statvfs(os.path.dirname(os.path.abspath(vol.path)))
+        free = max(0, vol.free.high_water - used) + host.f_bavail * host.f_frsize
         if needed > free:
             raise NoSpaceError(f"No space left on device: fallocate needs about {needed} bytes, "
                                f"{max(free, 0)} are free in {self.label}")
@@ -1105,7 +1113,7 @@ class FileSystem:
         The destination's old content is dropped.  Both files must be in the
         same image; they may be in different subvolumes.
         """
-        self._writable()
+        self._writable(0)
         if src_fs.vol is not self.vol:
             raise CrossDevice("Invalid cross-device link")
         src = src_fs.get_inode(src_ino)

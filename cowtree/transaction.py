@@ -27,8 +27,8 @@ from .alloc import DelayedRef, FreeSpace
 from .blockdev import ImageFile, Superblock, read_superblocks, write_superblock
 from .btree import Tree
 from .checksum import crc32c
-from .errors import CorruptionError, CowtreeError, NotAnImageError, ReadOnly, UnsupportedFeatureError
-from .node import HEADER_SIZE, Node, decode, encode
+from .errors import CorruptionError, CowtreeError, NoSpaceError, NotAnImageError, ReadOnly, UnsupportedFeatureError
+from .node import HEADER_SIZE, ITEM_SIZE, Node, decode, encode
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,9 @@ LAYER_SHIFT = 56
 DEFAULT_CACHE_BYTES = 96 << 20
 DEFAULT_DIRTY_BYTES = 96 << 20
 DATA_BUFFER_BYTES = 8 << 20
+# Nodes one filesystem operation may copy or add: a few items in a few
+# trees, each a root-to-leaf path of at most 8 levels, some with a split.
+OPERATION_NODES = 32
 
 
 @dataclasses.dataclass
@@ -125,6 +128,13 @@ class Volume:
         self.layers = [self]
         self.opened_size = dev.size()
         self._load(sb)
+        if self.writable and self.opened_size > sb.image_bytes:
+            # Blocks past the committed end belong to a transaction that never
+            # committed, cut off by a crash: nothing reaches them.
+            log.info("%s: giving back %d bytes past the end of generation %d", self.path,
+                     self.opened_size - sb.image_bytes, sb.generation)
+            dev.truncate(sb.image_bytes)
+            self.opened_size = sb.image_bytes
 
     # -- opening and creating -------------------------------------------------
 
@@ -200,6 +210,11 @@ class Volume:
         self.cache: OrderedDict[int, Node] = OrderedDict()
         self.dirty: dict[int, Node] = {}
         self.refs: dict[int, DelayedRef] = {}
+        # What the commit will need for the delayed references (see commit_reserve).
+        self.new_bytes = 0              # bytes of the extents allocated by this transaction
+        self.new_item_bytes = 0         # bytes of the EXTENT_ITEMs the commit will insert for them
+        self.old_refs = 0               # committed extents whose EXTENT_ITEM the commit will change
+        self.committing = False
         self.fresh: set[int] = set()               # addresses allocated in this transaction
         self.pinned: list[tuple[int, int]] = []
         self.bytes_used = sb.bytes_used
@@ -276,7 +291,7 @@ class Volume:
         commit will add.  Extents freed by the running transaction still
         count until then, because their space is not free before it.
         """
-        return sum(ref.length for ref in self.refs.values() if ref.new)
+        return self.new_bytes
 
     @property
     def reserve(self) -> int:
@@ -405,8 +420,8 @@ class Volume:
         node.dirty = True
         self.dirty[addr] = node
         self._cache_put(node)
-        self.refs[addr] = DelayedRef(self.nodesize, 1, True, ondisk.EXTENT_FLAG_TREE_BLOCK, tree.tree_id,
-                                     generation=self.transid)
+        self._add_new_ref(addr, DelayedRef(self.nodesize, 1, True, ondisk.EXTENT_FLAG_TREE_BLOCK, tree.tree_id,
+                                           generation=self.transid))
         return node
 
     def before_change(self) -> None:
@@ -479,14 +494,61 @@ class Volume:
         ref = self.refs.get(addr)
         if ref is None:
             self.refs[addr] = DelayedRef(length, delta)
+            self.old_refs += 1
             return
         ref.delta += delta
         if ref.new and ref.delta == 0:
             # Allocated and freed in this transaction: never committed.
-            del self.refs[addr]
-            self.fresh.discard(addr)
+            self._drop_new_ref(addr)
             self.csum_cache.pop(addr, None)
-            self.free.release(addr, ref.length)
+
+    def _add_new_ref(self, addr: int, ref: DelayedRef) -> None:
+        self.refs[addr] = ref
+        self.new_bytes += ref.length
+        self.new_item_bytes += ITEM_SIZE + EXTENT.size + len(ref.csums)
+
+    def _drop_new_ref(self, addr: int) -> None:
+        """Forget extent addr allocated by this transaction, and free its space."""
+        ref = self.refs.pop(addr)
+        self.new_bytes -= ref.length
+        self.new_item_bytes -= ITEM_SIZE + EXTENT.size + len(ref.csums)
+        self.fresh.discard(addr)
+        self.free.release(addr, ref.length)
+
+    # -- space for the commit --------------------------------------------------
+
+    def commit_reserve(self) -> int:
+        """Return the bytes of new nodes the next commit may need, at most.
+
+        The commit inserts an EXTENT_ITEM for every extent this transaction
+        allocated, into leaves that splits leave half full, and copies the
+        extent tree leaf of every committed extent whose count changes.  A
+        leaf holds many of those, but how many is not known here, so each
+        counts as one leaf, up to the leaves that an extent tree covering
+        every used block could have.  The root tree, chunk items and paths
+        add OPERATION_NODES.
+        """
+        nodesize = self.nodesize
+        extent_leaves = self.bytes_used // BLOCK * (ITEM_SIZE + EXTENT.size + 4) * 2 // nodesize + 1
+        return (2 * self.new_item_bytes + min(self.old_refs, extent_leaves) * nodesize
+                + OPERATION_NODES * nodesize)
+
+    def check_space(self, data_bytes: int = 0) -> None:
+        """Raise NoSpaceError unless an operation adding data_bytes leaves room for the commit.
+
+        Called before an operation that adds items or data changes
+        anything, so that running out of space fails the operation alone
+        instead of the commit after it.  Operations that only remove skip
+        it, and may use the reserve that this keeps.
+        """
+        limit = self.free.size_limit
+        if not limit:
+            return
+        left = limit - ondisk.FIRST_ALLOC - self.bytes_used - self.new_bytes
+        need = data_bytes + OPERATION_NODES * self.nodesize + self.commit_reserve() + self.reserve
+        if left < need:
+            raise NoSpaceError(f"No space left on device: about {need} bytes needed, {max(left, 0)} left "
+                               f"before the commit reserve")
 
     def extent_item(self, addr: int):
         """Return (key, refs, generation, flags, owner, csums) of the committed item at addr, or None."""
@@ -513,7 +575,12 @@ class Volume:
         # Data (minimum given) leaves the whole reserve unused, nodes half of
         # it: once data no longer fits, the metadata changes of deletions and
         # of the operation under way still do.
-        reserve = self.reserve if minimum is not None else self.reserve // 2
+        # The commit itself may use the whole reserve: check_space kept room
+        # for it before the changes it writes out were made.
+        if self.committing:
+            reserve = 0
+        else:
+            reserve = self.reserve if minimum is not None else self.reserve // 2
         addr, got = self.free.allocate(length, reserve, minimum)
         self.fresh.add(addr)
         if minimum is None:
@@ -537,9 +604,7 @@ class Volume:
             # Give back the extents of this call, so that a failed write
             # (no space) leaves the transaction as it was.
             for addr, _, _ in out:
-                ref = self.refs.pop(addr)
-                self.fresh.discard(addr)
-                self.free.release(addr, ref.length)
+                self._drop_new_ref(addr)
             raise
         self.changes += 1
         return out
@@ -559,7 +624,8 @@ class Volume:
             for i in range(0, got, BLOCK):
                 csums[i // BLOCK * 4:i // BLOCK * 4 + 4] = crc32c(piece[i:i + BLOCK]).to_bytes(4, "little")
             self._buffer_data(addr, piece)
-            self.refs[addr] = DelayedRef(got, 1, True, ondisk.EXTENT_FLAG_DATA, owner, bytes(csums), self.transid)
+            self._add_new_ref(addr, DelayedRef(got, 1, True, ondisk.EXTENT_FLAG_DATA, owner, bytes(csums),
+                                               self.transid))
             out.append((addr, got, piece_len))
             pos += piece_len
 
@@ -655,7 +721,12 @@ class Volume:
                 self.root_tree.put((tree_id, ondisk.ROOT_ITEM, 0), item.encode())
 
         # Apply the delayed reference counts until the extent tree stops changing.
-        self._run_delayed_refs()
+        self.committing = True
+        try:
+            self._run_delayed_refs()
+        finally:
+            self.committing = False
+        self.new_bytes = self.new_item_bytes = self.old_refs = 0
         self._crash("before-write")
 
         # Write new nodes and data, then flush: the superblock must never

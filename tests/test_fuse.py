@@ -1092,6 +1092,49 @@ def test_enospc_fails_only_that_write(mount_image, tmp_path):
     volume.close()
 
 
+def test_enospc_after_small_appends_keeps_every_write(mount_image, tmp_path):
+    """4 KiB appends fill an image with small extents; the one that finds no space fails alone.
+
+    Every acknowledged byte survives the unmount, the mount does not turn
+    read-only, and the commit at unmount has room for thousands of extent
+    items.
+    """
+    image = str(tmp_path / "appends.img")
+    mkfs(image, size_limit=32 << 20).close()
+    mounted = mount_image("appends.img", create=False, commit_interval=600)
+    write_file(mounted.path("keep"), b"written first")
+    acknowledged = 0
+    fd = os.open(mounted.path("log"), os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        while True:
+            try:
+                acknowledged += os.write(fd, acknowledged.to_bytes(8, "little") * 512)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC
+                break
+    finally:
+        os.close(fd)
+    assert acknowledged > 16 << 20
+    # Not turned read-only: a removal works, and a new directory either
+    # fits or finds no space (EROFS would mean the transaction was dropped).
+    os.unlink(mounted.path("keep"))
+    try:
+        os.mkdir(mounted.path("dir"))
+        expected_names = [b"dir", b"log"]
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC
+        expected_names = [b"log"]
+    assert mounted.unmount() == 0
+    volume = assert_image_clean(image)
+    fs = live(volume)
+    ino = fs.resolve(b"/log")
+    assert fs.get_inode(ino).size == acknowledged
+    for offset in range(0, acknowledged, 1 << 20):
+        assert fs.read(ino, offset, 8) == offset.to_bytes(8, "little")
+    assert sorted(entry[1] for entry in fs.readdir(fs.resolve(b"/"))) == expected_names
+    volume.close()
+
+
 def test_space_freed_by_rm_is_usable_before_commit(mount_image, tmp_path):
     """After rm of a committed file, a write that finds no space commits and succeeds, as on Btrfs."""
     mkfs(str(tmp_path / "tight.img"), size_limit=8 << 20).close()

@@ -170,3 +170,44 @@ def test_remove_everything_returns_space(make_image, nodesize):
     # A tree that does not collapse fully keeps a few nodes more than a fresh
     # image, so three nodes are allowed.
     assert volume.bytes_used <= fresh_bytes_used + 3 * nodesize
+
+
+def piece_at(offset: int, size: int) -> bytes:
+    """Return size bytes that differ with offset, so a misplaced block shows."""
+    return offset.to_bytes(8, "little") * (size // 8)
+
+
+@pytest.mark.parametrize("files", [False, True], ids=["appends", "files"])
+def test_no_space_leaves_room_for_the_commit(make_image, reopen, files):
+    """Many small extents fill the image; the write that finds no space changes nothing and the commit fits.
+
+    Each 4 KiB append is an extent of its own, and each needs an EXTENT_ITEM
+    that only the commit inserts.  Thousands of them need more extent tree
+    leaves than the reserve for deletions holds, so the operations must stop
+    early enough for the commit, not fail it.
+    """
+    path, volume, fs = make_image(nodesize=4096, size_limit=24 << 20)
+    written = []
+    with pytest.raises(NoSpaceError):
+        for index in range(1 << 20):
+            if files or index == 0:
+                ino = fs.mknod(ROOT, b"f%06d" % index, 0o100644).ino
+                offset = 0
+            before = volume.changes
+            try:
+                fs.write(ino, offset, piece_at(offset, 4096))
+            except NoSpaceError:
+                assert volume.changes == before, "the failed write changed the transaction"
+                raise
+            written.append((ino, offset))
+            offset += 4096
+    assert len(written) > 3000, "the image should hold thousands of 4 KiB extents"
+    volume.commit()
+    volume, fs = reopen(volume)
+    sizes = {}
+    for ino, offset in written:
+        assert fs.read(ino, offset, 4096) == piece_at(offset, 4096)
+        sizes[ino] = offset + 4096
+    for ino, size in sizes.items():
+        assert fs.get_inode(ino).size == size
+    assert_clean(volume)
