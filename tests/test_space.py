@@ -211,3 +211,21 @@ def test_no_space_leaves_room_for_the_commit(make_image, reopen, files):
     for ino, size in sizes.items():
         assert fs.get_inode(ino).size == size
     assert_clean(volume)
+
+
+def test_writable_open_gives_back_blocks_past_the_end(make_image, reopen):
+    """Blocks a crash left past the committed end go at the next writable open, not at a read-only one."""
+    path, volume, fs = make_image(nodesize=4096)
+    ino = fs.mknod(ROOT, b"f", 0o100644).ino
+    fs.write(ino, 0, b"kept" * 1024)
+    volume.commit()
+    end = volume.sb.image_bytes
+    volume.close()
+    with open(path, "ab") as image:
+        image.write(b"\xff" * (3 << 20))
+    volume, fs = reopen(volume, writable=False)
+    assert os.path.getsize(path) == end + (3 << 20)
+    volume, fs = reopen(volume)
+    assert os.path.getsize(path) == end
+    assert fs.read(ino, 0, 4096) == b"kept" * 1024
+    assert_clean(volume)
