@@ -33,6 +33,7 @@ from .btree import Tree
 from .checksum import crc32c
 from .errors import CorruptionError, CowtreeError
 from .fs import FileExtent, Inode, decode_dirents, decode_refs, decode_xattrs, name_hash
+from .subvolume import ZERO_UUID, Identity, derived_uuid
 from .transaction import LAYER_SHIFT, EXTENT, RootItem
 
 BLOCK = ondisk.BLOCK_SIZE
@@ -450,6 +451,7 @@ def check_volume(volume, check_files: bool = True, check_data: bool = False, pro
     walker.walk(volume.root_tree)
     walker.walk(volume.extent_tree)
     subvolumes = _subvolumes(volume, report)
+    _check_identities(volume, report)
     for tree_id, item in subvolumes:
         report.subvolumes += 1
         tree = Tree(volume, tree_id, (item.root_addr, item.root_gen, item.root_layer), item.level,
@@ -480,6 +482,71 @@ def _subvolumes(volume, report: Report) -> list:
     except CorruptionError:
         pass  # the walk of the root tree reported the node
     return out
+
+
+def _check_identities(volume, report: Report) -> None:
+    """Check every SUBVOL_UUID item against the ROOT_ITEMs and the other subvolumes' UUIDs."""
+    items: dict[int, RootItem] = {}
+    stored: dict[int, tuple] = {}
+    try:
+        for key, data in volume.root_tree.items((0, 0, 0)):
+            if key[1] == ondisk.ROOT_ITEM:
+                try:
+                    items[key[0]] = RootItem.decode(data, f"in root tree key {key}")
+                except CorruptionError:
+                    pass    # _subvolumes reports it
+            elif key[1] == ondisk.SUBVOL_UUID:
+                stored[key[0]] = (key, data)
+    except CorruptionError:
+        return  # the walk of the root tree reported the node
+    uuids: dict[bytes, int] = {}
+    received: dict[bytes, int] = {}
+    for tree_id in sorted(set(items) | set(stored)):
+        item = items.get(tree_id)
+        where = f"of subvolume {tree_id}"
+        if tree_id not in stored:
+            if item is not None and not item.flags & ondisk.ROOT_DELETING:
+                uuids.setdefault(derived_uuid(volume.uuid, tree_id, item), tree_id)
+            continue
+        key, data = stored[tree_id]
+        what = "SUBVOL_UUID item"
+        drop = ("subvol_uuid", key)
+        if key[2] != 0:
+            report.add(what, where, "key offset is not 0", key[2], 0, repair=drop)
+            continue
+        if item is None:
+            report.add(what, where, "no ROOT_ITEM for this tree id", repair=drop)
+            continue
+        if item.flags & ondisk.ROOT_DELETING:
+            report.add(what, where, "left behind by a deleted subvolume", repair=drop)
+            continue
+        try:
+            identity = Identity.decode(data, f"in root tree key {key}")
+        except CorruptionError as exc:
+            report.add(what, where, exc.why, exc.found, exc.expected, repair=drop)
+            continue
+        if identity.uuid == ZERO_UUID:
+            report.add(what, where, "UUID is all zeros", repair=drop)
+        elif identity.uuid in uuids:
+            report.add(what, where, f"UUID also belongs to subvolume {uuids[identity.uuid]}", identity.uuid.hex(),
+                       "a UUID of its own")
+        else:
+            uuids[identity.uuid] = tree_id
+        if not identity.received:
+            if identity.sent_gen or identity.received_gen:
+                report.add(what, where, "generations of a receive without a received UUID",
+                           (identity.sent_gen, identity.received_gen), (0, 0))
+            continue
+        if not item.flags & ondisk.ROOT_READONLY:
+            report.add(what, where, "received subvolume is writable", "writable", "read-only")
+        if identity.received_gen > volume.generation:
+            report.add(what, where, "received in a generation newer than the superblock's",
+                       identity.received_gen, f"<= {volume.generation}")
+        if identity.received_uuid in received:
+            report.add(what, where, f"received UUID also belongs to subvolume {received[identity.received_uuid]}",
+                       identity.received_uuid.hex(), "a received UUID of its own")
+        else:
+            received[identity.received_uuid] = tree_id
 
 
 def _check_subvolume_files(volume, tree: Tree, summary: _Summary, walker: _Walker, report: Report) -> None:

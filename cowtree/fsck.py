@@ -46,6 +46,7 @@ REPAIR_ROUNDS = 4
 EXTENT_REPAIRS = {"leak", "refs", "bytes_used", "superblock_copy", "chunks"}
 ENTRY_REPAIRS = {"dangling", "dangling_item", "stale_ref", "orphan", "orphan_item"}
 COUNT_REPAIRS = {"nlink", "dirsize"}
+ROOT_ITEM_REPAIRS = {"subvol_uuid"}
 
 
 class FsckError(CowtreeError):
@@ -198,6 +199,9 @@ def _repair_rounds(volume, result: FsckResult, data: bool) -> None:
             _repair_entries(volume, [p for p in problems if p.repair and p.repair[0] in ENTRY_REPAIRS], result)
         elif kinds & COUNT_REPAIRS:
             _repair_counts(volume, [p for p in problems if p.repair and p.repair[0] in COUNT_REPAIRS], result)
+        elif kinds & ROOT_ITEM_REPAIRS:
+            _repair_root_items(volume, [p for p in problems if p.repair and p.repair[0] in ROOT_ITEM_REPAIRS],
+                               result)
         else:
             return
         volume.commit()
@@ -249,6 +253,14 @@ def _repair_extents(volume, problems: list, result: FsckResult) -> None:
     # A commit writes the superblock copy that the next generation selects,
     # which is never the copy in use, even when no tree changed.
     volume.root_tree.changed = True
+
+
+def _repair_root_items(volume, problems: list, result: FsckResult) -> None:
+    """Delete invalid SUBVOL_UUID items, so that their subvolumes get the derived UUID."""
+    for problem in problems:
+        key = problem.repair[1]
+        if volume.root_tree.delete(key):
+            result.repaired.append(f"deleted the invalid SUBVOL_UUID item of subvolume {key[0]}")
 
 
 def _filesystem(volume, cache: dict, tree_id: int) -> FileSystem:

@@ -59,6 +59,7 @@ DIR_INDEX = 96
 EXTENT_DATA = 108
 ROOT_ITEM = 132
 ROOT_NAME = 136
+SUBVOL_UUID = 140
 EXTENT_ITEM = 168
 CHUNK_ITEM = 192
 LAYER_ITEM = 200
@@ -66,7 +67,7 @@ LAYER_ITEM = 200
 ITEM_TYPE_NAMES = {
     INODE_ITEM: "INODE_ITEM", INODE_REF: "INODE_REF", XATTR_ITEM: "XATTR_ITEM",
     ORPHAN_ITEM: "ORPHAN_ITEM", DIR_ITEM: "DIR_ITEM", DIR_INDEX: "DIR_INDEX",
-    EXTENT_DATA: "EXTENT_DATA", ROOT_ITEM: "ROOT_ITEM", ROOT_NAME: "ROOT_NAME",
+    EXTENT_DATA: "EXTENT_DATA", ROOT_ITEM: "ROOT_ITEM", ROOT_NAME: "ROOT_NAME", SUBVOL_UUID: "SUBVOL_UUID",
     EXTENT_ITEM: "EXTENT_ITEM", CHUNK_ITEM: "CHUNK_ITEM", LAYER_ITEM: "LAYER_ITEM",
 }
 
@@ -214,6 +215,26 @@ ROOT_READONLY = 1
 ROOT_DELETING = 2
 
 # ROOT_NAME, key (tree id, ROOT_NAME, 0): the subvolume's name as raw bytes.
+
+# SUBVOL_UUID, key (tree id, SUBVOL_UUID, 0): who a subvolume is, for send
+# and receive.  Optional: a subvolume made before the item existed has none,
+# and its UUID is derived from the image UUID and its ROOT_ITEM instead
+# (cowtree.subvolume.derived_uuid).  ``received_uuid`` is all zeros unless
+# ``cowtree receive`` made the subvolume.  Then it is the UUID of the sent
+# snapshot, ``sent_gen`` that snapshot's generation in the sending image,
+# and ``received_gen`` the transaction that received it here.
+#
+# Invariants: ``uuid`` is not all zeros and no other subvolume of the image
+# has it; a subvolume with a non-zero ``received_uuid`` is read-only and no
+# other subvolume has the same one; ``sent_gen`` and ``received_gen`` are 0
+# when ``received_uuid`` is zero.
+SUBVOL_UUID_S = Struct(
+    "uuid" / Bytes(16),
+    "parent_uuid" / Bytes(16),
+    "received_uuid" / Bytes(16),
+    "sent_gen" / Int64ul,
+    "received_gen" / Int64ul,
+)
 
 # LAYER_ITEM, key (0, LAYER_ITEM, 1): the overlay's direct base image.  Only
 # offset 1 is used: a deeper base is found through each base's own
@@ -379,6 +400,7 @@ KEY_PTR_CODEC = codec(KEY_PTR)
 KEY_CODEC = codec(KEY)
 ROOT_ITEM_CODEC = codec(ROOT_ITEM_S)
 CHUNK_ITEM_CODEC = codec(CHUNK_ITEM_S)
+SUBVOL_UUID_CODEC = codec(SUBVOL_UUID_S)
 LAYER_ITEM_CODEC = codec(LAYER_ITEM_S)
 EXTENT_ITEM_CODEC = codec(EXTENT_ITEM_S)
 INODE_ITEM_CODEC = codec(INODE_ITEM_S)

@@ -12,6 +12,10 @@ DELETING; :func:`drop_pending` then frees its nodes over several commits,
 recording in the ROOT_ITEM the key below which everything is already
 dropped, so that a crash resumes the drop where the last commit left it.
 It descends only into nodes that the dying tree alone references.
+
+Each subvolume has an :class:`Identity`: a UUID, and for one made by
+``cowtree receive`` the UUID and generation of the snapshot it was
+received from.  Send streams name snapshots by it (:mod:`cowtree.send`).
 """
 
 from __future__ import annotations
@@ -19,11 +23,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import uuid as uuid_module
 from bisect import bisect_right
 
 from . import ondisk
 from .btree import Tree
-from .errors import Exists, InvalidArgument, NotFound
+from .errors import CorruptionError, Exists, InvalidArgument, NotFound
 from .fs import FileSystem
 from .transaction import RootItem
 
@@ -31,6 +36,9 @@ log = logging.getLogger(__name__)
 
 ROOT_ITEM = ondisk.ROOT_ITEM
 ROOT_NAME = ondisk.ROOT_NAME
+SUBVOL_UUID = ondisk.SUBVOL_UUID
+UUID_ITEM = ondisk.SUBVOL_UUID_CODEC
+ZERO_UUID = bytes(16)
 READONLY = ondisk.ROOT_READONLY
 DELETING = ondisk.ROOT_DELETING
 LIVE = ondisk.FS_TREE_ID
@@ -38,12 +46,49 @@ DROP_BATCH = 2000   # nodes freed per commit while dropping a subvolume
 
 
 @dataclasses.dataclass
+class Identity:
+    """The identity of a subvolume: the fields of its SUBVOL_UUID item, stored or derived."""
+
+    uuid: bytes
+    parent_uuid: bytes = ZERO_UUID
+    received_uuid: bytes = ZERO_UUID
+    sent_gen: int = 0
+    received_gen: int = 0
+    stored: bool = True       # False: derived for a subvolume without the item
+
+    @property
+    def received(self) -> bool:
+        return self.received_uuid != ZERO_UUID
+
+    def encode(self) -> bytes:
+        return UUID_ITEM.pack(self.uuid, self.parent_uuid, self.received_uuid, self.sent_gen, self.received_gen)
+
+    @classmethod
+    def decode(cls, data: bytes, where: str) -> "Identity":
+        if len(data) != UUID_ITEM.size:
+            raise CorruptionError("item", where, "SUBVOL_UUID has the wrong size", len(data), UUID_ITEM.size)
+        return cls(*UUID_ITEM.unpack(data))
+
+
+def derived_uuid(image_uuid: bytes, tree_id: int, item: RootItem) -> bytes:
+    """Return the UUID of a subvolume that has no SUBVOL_UUID item (spec/format.md, section 4.1)."""
+    name = f"subvolume {tree_id} {item.created_gen} {item.created_ns}"
+    return uuid_module.uuid5(uuid_module.UUID(bytes=image_uuid), name).bytes
+
+
+def format_uuid(raw: bytes) -> str:
+    """Return a UUID in the usual 8-4-4-4-12 form, or "-" for all zeros."""
+    return "-" if raw == ZERO_UUID else str(uuid_module.UUID(bytes=raw))
+
+
+@dataclasses.dataclass
 class Subvolume:
-    """The root tree's record of one subvolume: its tree id, name and ROOT_ITEM."""
+    """The root tree's record of one subvolume: its tree id, name, ROOT_ITEM and identity."""
 
     tree_id: int
     name: bytes
     item: RootItem
+    identity: Identity
 
     @property
     def readonly(self) -> bool:
@@ -56,6 +101,20 @@ class Subvolume:
     @property
     def display_name(self) -> str:
         return self.name.decode("utf-8", "surrogateescape") if self.name else "(live)"
+
+    @property
+    def stream_identity(self) -> tuple[bytes, int]:
+        """Return the (UUID, generation) that names this subvolume's content in send streams.
+
+        A received subvolume contains what the sent snapshot contained, so it
+        goes by that snapshot's UUID and generation, as Btrfs uses received_uuid.
+        That lets a stream sent on from it find the first sender's
+        snapshots as parents.  Any other subvolume goes by its own UUID and
+        the generation that created it.
+        """
+        if self.identity.received:
+            return self.identity.received_uuid, self.identity.sent_gen
+        return self.identity.uuid, self.item.created_gen
 
 
 def check_snapshot_name(name: bytes) -> None:
@@ -73,18 +132,24 @@ def list_subvolumes(volume, include_deleting: bool = False) -> list[Subvolume]:
     """Return every subvolume, the live one first, then by id."""
     names: dict[int, bytes] = {}
     items: dict[int, RootItem] = {}
+    identities: dict[int, Identity] = {}
     for key, data in volume.root_tree.items((ondisk.FS_TREE_ID, 0, 0)):
         if key[1] == ROOT_ITEM:
             items[key[0]] = RootItem.decode(data, f"in root tree key {key}")
         elif key[1] == ROOT_NAME:
             names[key[0]] = bytes(data)
+        elif key[1] == SUBVOL_UUID:
+            identities[key[0]] = Identity.decode(data, f"in root tree key {key}")
     # Trees changed in the running transaction carry newer root items in memory.
     for tree_id, tree in volume.trees.items():
         if tree_id in items and getattr(tree, "root_item", None) is not None:
             items[tree_id] = tree.root_item
     out = []
     for tree_id in sorted(items):
-        sub = Subvolume(tree_id, names.get(tree_id, b""), items[tree_id])
+        identity = identities.get(tree_id)
+        if identity is None:
+            identity = Identity(derived_uuid(volume.uuid, tree_id, items[tree_id]), stored=False)
+        sub = Subvolume(tree_id, names.get(tree_id, b""), items[tree_id], identity)
         if sub.deleting and not include_deleting:
             continue
         out.append(sub)
@@ -118,24 +183,48 @@ def _next_id(volume) -> int:
     return highest + 1
 
 
+def check_new_name(volume, name: bytes) -> None:
+    """Raise unless name is a valid snapshot name that no subvolume of volume has."""
+    check_snapshot_name(name)
+    if any(sub.name == name for sub in list_subvolumes(volume, include_deleting=False)):
+        raise Exists(f"snapshot '{name.decode('utf-8', 'surrogateescape')}' already exists")
+
+
 def create_snapshot(volume, name: bytes, source: bytes | None = None, writable: bool = False) -> Subvolume:
     """Snapshot the live filesystem (or the snapshot called source) as name.
 
     Commits the running transaction first, then commits the snapshot.
     """
     volume.check_writable()
-    check_snapshot_name(name)
-    if any(sub.name == name for sub in list_subvolumes(volume, include_deleting=False)):
-        raise Exists(f"snapshot '{name.decode('utf-8', 'surrogateescape')}' already exists")
+    check_new_name(volume, name)
     src_sub = find(volume, source)
     # The source's nodes must all belong to committed generations, so that
     # none of them is changed in place once the snapshot shares it.
     volume.commit()
+    identity = Identity(uuid_module.uuid4().bytes, parent_uuid=src_sub.identity.uuid)
+    tree_id = add_snapshot(volume, src_sub, name, 0 if writable else READONLY, identity)
+    volume.commit()
+    log.info("created snapshot %r (id %d) of subvolume %d at generation %d", name, tree_id, src_sub.tree_id,
+             volume.generation)
+    return find(volume, name)
+
+
+def add_snapshot(volume, src_sub: Subvolume, name: bytes, flags: int, identity: Identity) -> int:
+    """Add a snapshot of src_sub called name to the running transaction; return its tree id.
+
+    Nothing is committed.  The source tree must be unchanged in the running
+    transaction, so that every node the snapshot shares belongs to a
+    committed generation and is copied, not changed in place, on the next
+    write through either tree.
+    """
     src = volume.tree(src_sub.tree_id)
     transid = volume.transid
+    if src.root_ptr[1] == transid and src.root_ptr[2] == 0:
+        raise RuntimeError(f"subvolume {src_sub.tree_id} changed in the running transaction; commit before "
+                           f"snapshotting it")
     tree_id = _next_id(volume)
     item = dataclasses.replace(
-        src.root_item, flags=0 if writable else READONLY, parent_id=src_sub.tree_id, created_gen=transid,
+        src.root_item, flags=flags, parent_id=src_sub.tree_id, created_gen=transid,
         created_ns=time.time_ns(), last_snapshot=transid, drop_objectid=0, drop_type=0, drop_offset=0,
         drop_level=0)
     snap = Tree(volume, tree_id, (0, 0, 0), src.level, transid, name=f"subvolume {tree_id}")
@@ -145,10 +234,21 @@ def create_snapshot(volume, name: bytes, source: bytes | None = None, writable: 
     src.last_snapshot = transid
     src.changed = True
     volume.root_tree.put((tree_id, ROOT_NAME, 0), name)
-    volume.commit()
-    log.info("created snapshot %r (id %d) of subvolume %d at generation %d", name, tree_id, src_sub.tree_id,
-             transid)
-    return find(volume, name)
+    volume.root_tree.put((tree_id, SUBVOL_UUID, 0), identity.encode())
+    return tree_id
+
+
+def add_empty_subvolume(volume, name: bytes, flags: int, identity: Identity) -> int:
+    """Add an empty subvolume tree called name to the running transaction; return its tree id.
+
+    The tree has no root directory yet; nothing is committed.
+    """
+    tree_id = _next_id(volume)
+    item = RootItem(flags=flags, created_gen=volume.transid, created_ns=time.time_ns())
+    volume.create_tree(tree_id, item)
+    volume.root_tree.put((tree_id, ROOT_NAME, 0), name)
+    volume.root_tree.put((tree_id, SUBVOL_UUID, 0), identity.encode())
+    return tree_id
 
 
 def copy_root(volume, src: Tree, dst: Tree) -> None:
@@ -176,6 +276,7 @@ def delete_subvolume(volume, name: bytes, progress=None) -> None:
     tree.root_item.drop_objectid = tree.root_item.drop_type = tree.root_item.drop_offset = 0
     tree.changed = True
     volume.root_tree.delete((sub.tree_id, ROOT_NAME, 0))
+    volume.root_tree.delete((sub.tree_id, SUBVOL_UUID, 0))
     volume.commit()
     drop_pending(volume, progress)
 
@@ -200,6 +301,9 @@ def _drop(volume, tree_id: int, progress=None) -> int:
         total += dropper.freed
         if done:
             volume.root_tree.delete((tree_id, ROOT_ITEM, 0))
+            # Deleting a subvolume removes this item at once; a drop that an
+            # older version started may have left it.
+            volume.root_tree.delete((tree_id, SUBVOL_UUID, 0))
             volume.trees.pop(tree_id, None)
             volume.commit()
             log.info("dropped subvolume %d: %d nodes freed", tree_id, total)

@@ -61,6 +61,12 @@ CASES = [
          ["bump-nlink", "/f006", "--snapshot", "snap", "--by", "2"], "link count differs", True),
     Case("012-data-extent-refcount", "the reference count of /big's data extent set to 5",
          ["set-refs", "--data", "DATA_OF_BIG", "--count", "5"], "reference count differs", True),
+    Case("013-subvol-uuid-stale", "a SUBVOL_UUID item for tree id 999, which has no ROOT_ITEM",
+         ["subvol-uuid", "stale", "--snapshot", "snap"], "no ROOT_ITEM for this tree id", True),
+    Case("014-subvol-uuid-duplicate", "snapshot snap's SUBVOL_UUID item given the live filesystem's UUID",
+         ["subvol-uuid", "duplicate", "--snapshot", "snap"], "UUID also belongs to subvolume", False),
+    Case("015-subvol-uuid-short", "snapshot snap's SUBVOL_UUID item cut to 40 of its 64 bytes",
+         ["subvol-uuid", "short", "--snapshot", "snap"], "SUBVOL_UUID has the wrong size", True),
 ]
 
 

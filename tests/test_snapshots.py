@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 
 import pytest
 from hypothesis import strategies as st
@@ -115,6 +116,45 @@ def test_snapshot_name_errors(make_image):
     for bad in (b"", b"a/b", b"a:b", b"a@b", b"."):
         with pytest.raises(OSError):
             sv.create_snapshot(volume, bad)
+
+
+def test_snapshot_identity_stored(make_image):
+    _, volume, _ = make_image()
+    first = sv.create_snapshot(volume, b"one")
+    second = sv.create_snapshot(volume, b"two", source=b"one")
+    live_sub = sv.find(volume, None)
+    assert first.identity.stored
+    assert second.identity.stored
+    assert not live_sub.identity.stored
+    assert len({live_sub.identity.uuid, first.identity.uuid, second.identity.uuid}) == 3
+    assert first.identity.parent_uuid == live_sub.identity.uuid
+    assert second.identity.parent_uuid == first.identity.uuid
+    assert first.identity.received_uuid == sv.ZERO_UUID
+    assert uuid.UUID(bytes=first.identity.uuid).version == 4
+    assert first.stream_identity == (first.identity.uuid, first.item.created_gen)
+
+
+def test_identity_derived_without_item(make_image, reopen):
+    _, volume, _ = make_image()
+    sub = sv.create_snapshot(volume, b"old")
+    # An image made before the SUBVOL_UUID item existed has no such item.
+    volume.root_tree.delete((sub.tree_id, ondisk.SUBVOL_UUID, 0))
+    volume.commit()
+    volume, _ = reopen(volume, writable=False)
+    derived = sv.find(volume, b"old").identity
+    assert not derived.stored
+    name = f"subvolume {sub.tree_id} {sub.item.created_gen} {sub.item.created_ns}"
+    assert derived.uuid == uuid.uuid5(uuid.UUID(bytes=volume.uuid), name).bytes
+    volume, _ = reopen(volume, writable=False)
+    assert sv.find(volume, b"old").identity.uuid == derived.uuid
+    assert check_volume(volume).problems == []
+
+
+def test_delete_drops_identity(make_image):
+    _, volume, _ = make_image()
+    sub = sv.create_snapshot(volume, b"gone")
+    sv.delete_subvolume(volume, b"gone")
+    assert volume.root_tree.get((sub.tree_id, ondisk.SUBVOL_UUID, 0)) is None
 
 
 def test_writable_clone_changes_independently(make_image):
