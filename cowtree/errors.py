@@ -52,6 +52,12 @@ class CorruptionError(CowtreeError):
         self.args = (self._message(),)
 
 
+class StreamError(CowtreeError):
+    """A send stream is invalid: truncated, damaged, out of order, or made for other content."""
+
+    errno = _errno.EBADMSG
+
+
 class NotAnImageError(CowtreeError):
     """The file holds no valid cowtree superblock, or is too short."""
 

@@ -1,10 +1,11 @@
-"""Check spec/format.md against cowtree/ondisk.py, so the spec cannot drift.
+"""Check spec/format.md against cowtree/ondisk.py, and spec/stream.md against
+cowtree/stream.py, so the specs cannot drift.
 
-Each table in the spec follows an HTML comment that names what it documents:
-``<!-- struct: NAME -->`` for the construct Struct ``ondisk.NAME``,
+Each table in a spec follows an HTML comment that names what it documents:
+``<!-- struct: NAME -->`` for the construct Struct ``NAME`` of the module,
 ``<!-- flags: NAME.field -->`` for the bits of a flags word,
-``<!-- item-types -->``, ``<!-- constants -->``, ``<!-- limits -->`` and
-``<!-- name-hash -->``.
+``<!-- item-types -->``, ``<!-- record-types -->``, ``<!-- constants -->``,
+``<!-- limits -->`` and ``<!-- name-hash -->``.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ import re
 import construct
 import pytest
 
-from cowtree import ondisk
+from cowtree import ondisk, stream
 from cowtree.checksum import crc32c, crcmod_crc32c
 from cowtree.fs import name_hash
 
 SPEC = pathlib.Path(__file__).resolve().parent.parent / "spec" / "format.md"
+STREAM_SPEC = SPEC.parent / "stream.md"
 ONDISK_SOURCE = pathlib.Path(ondisk.__file__).read_text()
 
 MARKER = re.compile(r"<!--\s*([a-z-]+)(?::\s*([A-Za-z0-9_.]+))?\s*-->")
@@ -29,13 +31,13 @@ MARKER = re.compile(r"<!--\s*([a-z-]+)(?::\s*([A-Za-z0-9_.]+))?\s*-->")
 INT_TYPES = {"<B": "u8", "<H": "u16", "<L": "u32", "<I": "u32", "<Q": "u64", "<q": "s64"}
 
 
-def spec_text() -> str:
-    return SPEC.read_text()
+def spec_text(path: pathlib.Path = SPEC) -> str:
+    return path.read_text()
 
 
-def tables() -> dict[tuple[str, str | None], list[list[str]]]:
-    """Return every marked table: (kind, name) -> data rows as lists of cells."""
-    lines = spec_text().splitlines()
+def tables(path: pathlib.Path = SPEC) -> dict[tuple[str, str | None], list[list[str]]]:
+    """Return every marked table of a spec: (kind, name) -> data rows as lists of cells."""
+    lines = spec_text(path).splitlines()
     found: dict[tuple[str, str | None], list[list[str]]] = {}
     for number, line in enumerate(lines):
         match = MARKER.fullmatch(line.strip())
@@ -47,15 +49,19 @@ def tables() -> dict[tuple[str, str | None], list[list[str]]]:
             cells = [cell.strip() for cell in lines[position].strip().strip("|").split("|")]
             rows.append(cells)
             position += 1
-        assert len(rows) >= 2, f"spec/format.md line {number + 1}: marker {line.strip()} is not followed by a table"
+        assert len(rows) >= 2, f"{path.name} line {number + 1}: marker {line.strip()} is not followed by a table"
         key = (match.group(1), match.group(2))
-        assert key not in found, f"spec/format.md: marker {line.strip()} appears twice"
+        assert key not in found, f"{path.name}: marker {line.strip()} appears twice"
         found[key] = rows[2:]  # skip the header row and the |---| row
     return found
 
 
+def structs_of(module) -> dict[str, construct.Struct]:
+    return {name: value for name, value in vars(module).items() if isinstance(value, construct.Struct)}
+
+
 def ondisk_structs() -> dict[str, construct.Struct]:
-    return {name: value for name, value in vars(ondisk).items() if isinstance(value, construct.Struct)}
+    return structs_of(ondisk)
 
 
 def unquote(cell: str) -> str:
@@ -88,9 +94,13 @@ def test_every_struct_has_table():
 
 @pytest.mark.parametrize("name", sorted(ondisk_structs()))
 def test_offset_table_matches_struct(name):
-    definition = ondisk_structs()[name]
     rows = tables().get(("struct", name))
     assert rows is not None, f"spec/format.md has no <!-- struct: {name} --> table"
+    check_offset_table(name, ondisk_structs()[name], rows)
+
+
+def check_offset_table(name: str, definition: construct.Struct, rows: list) -> None:
+    """Assert that an offset table's rows give the fields, offsets, sizes and types of definition."""
     *fields, total = rows
 
     assert unquote(total[3]) == "total", f"{name}: the last row of the table must be the total row"
@@ -263,3 +273,57 @@ def test_name_hash_table():
         value = int(row[1], 16)
         assert name_hash(name) == value, f"name hash of {name!r}"
         assert crc32c_bitwise(name, register=0x00000001) == value, f"register form of the name hash of {name!r}"
+
+
+# ---------------------------------------------------------------------------
+# The send stream
+
+
+def test_every_stream_struct_has_table():
+    documented = {name for kind, name in tables(STREAM_SPEC) if kind == "struct"}
+    defined = set(structs_of(stream))
+    assert defined - documented == set(), "construct Structs in stream.py without an offset table in spec/stream.md"
+    assert documented - defined == set(), "offset tables in spec/stream.md for Structs that stream.py lacks"
+
+
+@pytest.mark.parametrize("name", sorted(structs_of(stream)))
+def test_stream_offset_table_matches_struct(name):
+    rows = tables(STREAM_SPEC).get(("struct", name))
+    assert rows is not None, f"spec/stream.md has no <!-- struct: {name} --> table"
+    check_offset_table(name, structs_of(stream)[name], rows)
+
+
+def test_stream_header_magic_and_version_first():
+    names = [sub.name for sub in stream.STREAM_HEADER.subcons]
+    assert names[:2] == ["magic", "version"]
+    assert len(stream.STREAM_MAGIC) == stream.STREAM_HEADER.subcons[0].sizeof()
+
+
+def test_stream_record_types_match():
+    rows = tables(STREAM_SPEC)[("record-types", None)]
+    documented = {unquote(row[0]): int(row[1]) for row in rows}
+    assert documented == {name: value for value, name in stream.RECORD_NAMES.items()}
+    for name, value in documented.items():
+        assert getattr(stream, f"RECORD_{name}") == value, name
+
+
+def test_stream_constants_match():
+    rows = tables(STREAM_SPEC)[("constants", None)]
+    assert rows
+    for row in rows:
+        name = unquote(row[0])
+        value = ast.literal_eval(unquote(row[1]))
+        assert getattr(stream, name) == value, f"{name}: spec {value!r}, stream.py {getattr(stream, name)!r}"
+
+
+def test_stream_header_flags_match():
+    rows = tables(STREAM_SPEC)[("flags", "STREAM_HEADER.flags")]
+    documented = {unquote(row[1]): 1 << int(row[0]) for row in rows}
+    defined = {name: value for name, value in vars(stream).items()
+               if name.startswith("STREAM_") and isinstance(value, int) and name not in ("STREAM_VERSION",)
+               and not name.endswith("_KNOWN")}
+    assert defined == documented
+    mask = 0
+    for bit in documented.values():
+        mask |= bit
+    assert mask == stream.STREAM_FLAGS_KNOWN
