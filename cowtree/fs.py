@@ -309,8 +309,15 @@ class FileSystem:
     def is_empty_dir(self, ino: int) -> bool:
         return self.tree.first((ino, DIR_INDEX, 0), (ino, DIR_INDEX + 1, 0)) is None
 
-    def _add_entry(self, parent: Inode, name: bytes, inode: Inode) -> None:
-        """Add name -> inode to directory parent; update parent in the tree."""
+    def _add_entry(self, parent: Inode, name: bytes, inode: Inode, index: int | None = None,
+                   stamp: bool = True) -> None:
+        """Add name -> inode to directory parent; update parent in the tree.
+
+        The entry gets DIR_INDEX offset index, or the parent's next one when
+        index is None.  The caller must check that a given index is free.
+        Without stamp the parent's times stay as they are (receive sets them
+        from the stream).
+        """
         check_name(name)
         tree = self.tree
         dtype = dtype_of(inode.mode)
@@ -331,19 +338,20 @@ class FileSystem:
         if old_ref and len(old_ref) + IREF.size + len(name) > self.max_item:
             raise TooManyLinks(f"Too many links: the names of inode {inode.ino} in directory {parent.ino} "
                                f"fill one INODE_REF item")
-        index = parent.seq
-        parent.seq += 1
+        if index is None:
+            index = parent.seq
+        parent.seq = max(parent.seq, index + 1)
         tree.put(hash_key, entry_all)
         tree.put((parent.ino, DIR_INDEX, index), entry)
         ref = IREF.pack(index, len(name)) + name
         tree.put(ref_key, old_ref + ref if old_ref else ref)
         parent.size += 2 * len(name)
-        now = time.time_ns()
-        parent.mtime_ns = parent.ctime_ns = now
+        if stamp:
+            parent.mtime_ns = parent.ctime_ns = time.time_ns()
         self.put_inode(parent)
 
-    def _remove_entry(self, parent: Inode, name: bytes) -> tuple[int, int]:
-        """Remove name from directory parent; return (ino, index).  Updates parent."""
+    def _remove_entry(self, parent: Inode, name: bytes, stamp: bool = True) -> tuple[int, int]:
+        """Remove name from directory parent; return (ino, index).  Updates parent, and its times with stamp."""
         tree = self.tree
         hash_key = (parent.ino, DIR_ITEM, name_hash(name))
         data = tree.get(hash_key)
@@ -379,8 +387,8 @@ class FileSystem:
             tree.delete(ref_key)
         tree.delete((parent.ino, DIR_INDEX, index))
         parent.size -= 2 * len(name)
-        now = time.time_ns()
-        parent.mtime_ns = parent.ctime_ns = now
+        if stamp:
+            parent.mtime_ns = parent.ctime_ns = time.time_ns()
         self.put_inode(parent)
         return found, index
 
