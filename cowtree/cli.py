@@ -368,12 +368,7 @@ def describe_error(exc: BaseException) -> tuple[str, int]:
     """Turn any error a command raised into (message without the 'cowtree: ' prefix, exit status)."""
     from .operands import CommandError
     if isinstance(exc, CommandError):
-        if exc.message is not None:
-            head = exc.message
-        elif exc.action is not None:
-            head = f"{exc.action} '{exc.operand}'"
-        else:
-            head = exc.operand
+        head = exc.head()
         if exc.cause is None:
             return head, EXIT_FAILURE
         return f"{head}: {reason_of(exc.cause)}", status_of(exc.cause)

@@ -64,10 +64,13 @@ def snapshot_create(source: str | None, writable: bool, image: str, name: str) -
 
 
 @snapshot.command("list")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of objects with the same fields.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print a JSON list of objects with the same fields and the UUIDs.")
 @click.option("--no-usage", is_flag=True, help="Skip the exclusive and shared byte counts (faster).")
+@click.option("--uuids", is_flag=True, help="Add each snapshot's UUID, its parent's UUID and the UUID it was "
+              "received from ('-' for none).")
 @click.argument("image", type=click.Path(dir_okay=False))
-def snapshot_list(as_json: bool, no_usage: bool, image: str) -> None:
+def snapshot_list(as_json: bool, no_usage: bool, uuids: bool, image: str) -> None:
     """List the snapshots of IMAGE with their space use.
 
     EXCLUSIVE bytes are freed by deleting that snapshot alone; SHARED bytes
@@ -93,19 +96,27 @@ def snapshot_list(as_json: bool, no_usage: bool, image: str) -> None:
                 "deleting": sub.deleting,
                 "exclusive_bytes": usage.exclusive if usage else None,
                 "shared_bytes": usage.shared if usage else None,
+                "uuid": subvolume.format_uuid(sub.identity.uuid),
+                "parent_uuid": subvolume.format_uuid(sub.identity.parent_uuid),
+                "received_uuid": subvolume.format_uuid(sub.identity.received_uuid),
             })
     if as_json:
         _write_json(rows)
         return
     out = _out()
-    out.write(b"NAME                 ID   PARENT GEN      CREATED              RO  EXCLUSIVE     SHARED\n")
+    heading = "NAME                 ID   PARENT GEN      CREATED              RO  EXCLUSIVE     SHARED"
+    if uuids:
+        heading += f"  {'UUID':<36}  {'PARENT UUID':<36}  RECEIVED UUID"
+    out.write(heading.encode() + b"\n")
     for row in rows:
         name = row["name"] if row["name"] is not None else "(deleting)"
         exclusive = "-" if row["exclusive_bytes"] is None else str(row["exclusive_bytes"])
         shared = "-" if row["shared_bytes"] is None else str(row["shared_bytes"])
         line = (f"{name:<20} {row['id']:<4} {row['parent']:<6} {row['generation']:<8} "
-                f"{_when(row['created_ns'])}  {'yes' if row['readonly'] else 'no':<3} {exclusive:>9} {shared:>10}\n")
-        out.write(line.encode("utf-8", "surrogateescape"))
+                f"{_when(row['created_ns'])}  {'yes' if row['readonly'] else 'no':<3} {exclusive:>9} {shared:>10}")
+        if uuids:
+            line += f"  {row['uuid']:<36}  {row['parent_uuid']:<36}  {row['received_uuid']}"
+        out.write(line.encode("utf-8", "surrogateescape") + b"\n")
 
 
 @snapshot.command("delete")
@@ -275,6 +286,110 @@ def convert(force: bool, image: str, output: str) -> None:
             raise CommandError("cannot convert", image, exc) from exc
 
 
+def _prefixed(prefix: str, exc):
+    """Return the CommandError exc with its message starting with "prefix: "."""
+    exc.message = f"{prefix}: {exc.head()}"
+    return exc
+
+
+@click.command("send")
+@click.option("-p", "--parent", metavar="PARENT",
+              help="Send only what differs from PARENT, another read-only snapshot of IMAGE.  The receiving "
+                   "image must already hold PARENT, received from IMAGE or from its stream.")
+@click.option("-f", "--file", "output", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Write the stream to FILE instead of standard output.")
+@click.argument("source", metavar="IMAGE@SNAP")
+def send_command(parent: str | None, output: str | None, source: str) -> None:
+    """Write read-only snapshot SNAP of IMAGE as a send stream to standard output or FILE.
+
+    `cowtree receive` turns the stream into a snapshot of another image.
+    Standard output must not be a terminal.  The image is only read.
+    """
+    import os
+
+    from . import send
+    from .errors import CowtreeError
+    from .image import same_file_key
+    from .operands import CommandError, parse_image_operand
+    from .session import Session
+    location = parse_image_operand(source)
+    if location.snapshot is None or location.path != b"/":
+        raise click.UsageError(f"expected IMAGE@SNAP, a read-only snapshot, not '{source}'")
+    if output is None and sys.stdout.isatty():
+        raise CommandError(None, source, message="send: not writing a send stream to a terminal; redirect "
+                                                 "standard output or use -f FILE")
+    with Session() as session:
+        try:
+            volume = session.open(location.image, writable=False).volume
+        except CommandError as exc:
+            raise _prefixed("send", exc) from exc
+        target = same_file_key(output) if output is not None else None
+        if target is not None and any((layer.dev.stat().st_dev, layer.dev.stat().st_ino) == target
+                                      for layer in volume.layers):
+            raise CommandError(None, output, message=f"send: '{output}' is {location.image} or one of its base "
+                                                     f"images; not overwriting it with a stream")
+        try:
+            out = open(output, "wb") if output is not None else _out()
+        except OSError as exc:
+            raise CommandError(None, output, exc, message=f"send: cannot create '{output}'") from exc
+        try:
+            stats = send.send(volume, _name(location.snapshot), out,
+                              parent=_name(parent) if parent is not None else None)
+            out.flush()
+        except BrokenPipeError as exc:
+            # The reader went away; keep Python from reporting the pipe again at exit.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise CommandError(None, source, exc, message=f"send: {source}: writing the stream failed") from exc
+        except (OSError, CowtreeError) as exc:
+            if output is not None:
+                out.close()
+                os.unlink(output)
+            raise CommandError(None, source, exc, message=f"send: {source}") from exc
+        finally:
+            if output is not None and not out.closed:
+                out.close()
+    log.info("sent %s: %d records, %d bytes (%d of file data)", source, stats.records, stats.bytes,
+             stats.data_bytes)
+
+
+@click.command("receive")
+@click.option("-f", "--file", "input_path", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Read the stream from FILE instead of standard input.")
+@click.argument("image", type=click.Path(dir_okay=False))
+def receive_command(input_path: str | None, image: str) -> None:
+    """Read a send stream and add its snapshot to IMAGE, read-only, under the name it was sent with.
+
+    An incremental stream (send -p) needs the snapshot received from its
+    parent.  Everything happens in one transaction: on any error IMAGE
+    stays at its last commit.
+    """
+    from . import receive
+    from .errors import CowtreeError
+    from .operands import CommandError
+    from .session import Session
+    if input_path is None and sys.stdin.isatty():
+        raise CommandError(None, image, message="receive: not reading a send stream from a terminal; redirect "
+                                                "standard input or use -f FILE")
+    try:
+        infile = open(input_path, "rb") if input_path is not None else sys.stdin.buffer
+    except OSError as exc:
+        raise CommandError(None, input_path, exc, message=f"receive: cannot open '{input_path}'") from exc
+    try:
+        with Session() as session:
+            try:
+                volume = session.open(image, writable=True).volume
+            except CommandError as exc:
+                raise _prefixed("receive", exc) from exc
+            try:
+                sub = receive.receive(volume, infile)
+            except (OSError, CowtreeError) as exc:
+                raise CommandError(None, image, exc, message=f"receive: {image}") from exc
+    finally:
+        if input_path is not None:
+            infile.close()
+    log.info("received snapshot '%s' into %s", sub.display_name, image)
+
+
 def register(group: click.Group) -> None:
-    for command in (snapshot, du, commit_overlay, rebase, convert):
+    for command in (snapshot, du, commit_overlay, rebase, convert, send_command, receive_command):
         group.add_command(command)

@@ -121,3 +121,11 @@ class CommandError(Exception):
         self.cause = cause
         self.message = message
         super().__init__(message or f"{action} '{operand}'")
+
+    def head(self) -> str:
+        """Return the message without the reason: ``message``, ``action 'operand'`` or the operand."""
+        if self.message is not None:
+            return self.message
+        if self.action is not None:
+            return f"{self.action} '{self.operand}'"
+        return self.operand
