@@ -51,6 +51,9 @@ DIR_INDEX = ondisk.DIR_INDEX
 INODE_REF = ondisk.INODE_REF
 FILE_TYPES = {stat_module.S_IFREG, stat_module.S_IFDIR, stat_module.S_IFLNK, stat_module.S_IFIFO,
               stat_module.S_IFCHR, stat_module.S_IFBLK, stat_module.S_IFSOCK}
+# Bound of DIR_INDEX offsets and of a directory's next offset, far above
+# any real one, so that adding one to them never overflows their u64.
+MAX_INDEX = 1 << 63
 # The inode flags a receiver accepts.  PREALLOC is dropped, because a
 # stream carries no blocks past a file's size.
 KNOWN_INODE_FLAGS = ondisk.INODE_PREALLOC
@@ -325,7 +328,10 @@ class _Receiver:
         child = fs.get_inode(ino)
         if dtype != dtype_of(child.mode):
             raise self._mismatch(record, f"entry type {dtype} differs from inode {ino}'s {dtype_of(child.mode)}")
-        if index < 2 or fs.tree.get((dir_ino, DIR_INDEX, index)) is not None:
+        if not 2 <= index < MAX_INDEX:
+            raise StreamError(f"invalid stream: record {record.seq} (LINK) uses index {index}, outside "
+                              f"[2, {MAX_INDEX})")
+        if fs.tree.get((dir_ino, DIR_INDEX, index)) is not None:
             raise self._mismatch(record, f"index {index} of directory inode {dir_ino} is not free")
         if child.is_dir and (ino == ROOT or self._has_name(child)):
             raise self._mismatch(record, f"directory inode {ino} already has a name")
@@ -454,11 +460,15 @@ class _Receiver:
                 raise self._mismatch(record, f"directory inode {ino} has size {inode.size} here, {size} in the "
                                              f"sent snapshot")
             last = fs.tree.floor((ino, DIR_INDEX, ondisk.MAX_KEY[2]))
-            if seq < 2 or (last is not None and last[0][:2] == (ino, DIR_INDEX) and seq <= last[0][2]):
+            in_use = last is not None and last[0][:2] == (ino, DIR_INDEX) and seq <= last[0][2]
+            if seq < 2 or seq > MAX_INDEX or in_use:
                 raise StreamError(f"invalid stream: record {record.seq} (ATTR) sets the next index of directory "
-                                  f"inode {ino} to {seq}, which is in use")
+                                  f"inode {ino} to {seq}, which is in use or outside [2, {MAX_INDEX}]")
             inode.seq = seq
         elif inode.is_symlink:
+            if fs.tree.get((ino, ondisk.EXTENT_DATA, 0)) is None:
+                raise StreamError(f"invalid stream: symlink inode {ino} has no SYMLINK record before its ATTR "
+                                  f"record {record.seq}")
             if size != inode.size:
                 raise self._mismatch(record, f"symlink inode {ino} has size {inode.size} here, {size} in the sent "
                                              f"snapshot")

@@ -16,8 +16,9 @@ from cowtree import subvolume as sv
 from cowtree.errors import Exists, InvalidArgument, NoSpaceError, NotFound, StreamError
 from cowtree.fs import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, RENAME_EXCHANGE, FileSystem
 from cowtree.image import live, mkfs
-from cowtree.stream import (END_CODEC, HEADER_CODEC, RECORD_CREATE, RECORD_END, RECORD_HEADER_CODEC, RECORD_LINK,
-                            StreamHeader)
+from cowtree.stream import (ATTR_CODEC, CREATE_CODEC, END_CODEC, ENTRY_CODEC, HEADER_CODEC, RECORD_ATTR,
+                            RECORD_CREATE, RECORD_END, RECORD_HEADER_CODEC, RECORD_LINK, RECORD_WRITE, WRITE_CODEC,
+                            StreamHeader, StreamWriter)
 
 from fsmodel import Driver, FsModel, assert_matches
 from sendutil import (assert_clean, assert_same_subvolume, count_node_reads, image_state, receive_bytes,
@@ -427,6 +428,62 @@ def test_end_record_counts_checked(streams):
         fails_cleanly(target, header + b"".join(records[:-1]) + reframe(end), "the END record counts")
     end = records[-1][:RECORD_HEADER_CODEC.size] + END_CODEC.pack(count, total, bytes(16))
     fails_cleanly(target, header + b"".join(records[:-1]) + reframe(end), "names another snapshot")
+
+
+def hostile_stream(records: list, next_ino: int = 300) -> bytes:
+    """Return a full stream of snapshot "evil" with the given (type, fixed part, tail) records."""
+    out = io.BytesIO()
+    writer = StreamWriter(out)
+    uuid = os.urandom(16)
+    writer.header(StreamHeader(0, uuid, 7, bytes(16), 0, next_ino, b"evil"))
+    for record_type_, fixed, tail in records:
+        writer.record(record_type_, fixed, tail)
+    writer.end(uuid)
+    return out.getvalue()
+
+
+def attr(ino: int, mode: int, nlink: int, size: int = 0, seq: int = 2) -> tuple:
+    return RECORD_ATTR, ATTR_CODEC.pack(ino, size, nlink, 0, 0, mode, 0, 0, seq, 0, 0, 0, 0), b""
+
+
+def link(directory: int, index: int, ino: int, dtype: int, name: bytes) -> tuple:
+    return RECORD_LINK, ENTRY_CODEC.pack(directory, index, ino, dtype, len(name)), name
+
+
+@pytest.mark.parametrize("case, records, message", [
+    ("symlink without target",
+     [(RECORD_CREATE, CREATE_CODEC.pack(257, stat.S_IFLNK | 0o777, 0), b""),
+      link(ROOT, 2, 257, ondisk.DT_LNK, b"l"), attr(ROOT, stat.S_IFDIR | 0o755, 2, 2, 3),
+      attr(257, stat.S_IFLNK | 0o777, 1)], "no SYMLINK record"),
+    ("index past the bound",
+     [(RECORD_CREATE, CREATE_CODEC.pack(257, stat.S_IFREG | 0o644, 0), b""),
+      link(ROOT, (1 << 64) - 1, 257, ondisk.DT_REG, b"f")], "outside"),
+    ("inode left without a name",
+     [(RECORD_CREATE, CREATE_CODEC.pack(257, stat.S_IFREG | 0o644, 0), b""),
+      attr(257, stat.S_IFREG | 0o644, 0)], "without a name"),
+    ("created inode without ATTR",
+     [(RECORD_CREATE, CREATE_CODEC.pack(257, stat.S_IFREG | 0o644, 0), b""),
+      link(ROOT, 2, 257, ondisk.DT_REG, b"f")], "have no ATTR record"),
+    ("directory cycle",
+     [(RECORD_CREATE, CREATE_CODEC.pack(257, stat.S_IFDIR | 0o755, 0), b""),
+      (RECORD_CREATE, CREATE_CODEC.pack(258, stat.S_IFDIR | 0o755, 0), b""),
+      link(257, 2, 258, ondisk.DT_DIR, b"b"), link(258, 2, 257, ondisk.DT_DIR, b"a"),
+      attr(257, stat.S_IFDIR | 0o755, 3, 2, 3), attr(258, stat.S_IFDIR | 0o755, 3, 2, 3)], "cycle"),
+    ("name with a slash",
+     [(RECORD_CREATE, CREATE_CODEC.pack(257, stat.S_IFREG | 0o644, 0), b""),
+      link(ROOT, 2, 257, ondisk.DT_REG, b"a/b")], "invalid name"),
+    ("inode past next_ino",
+     [(RECORD_CREATE, CREATE_CODEC.pack(400, stat.S_IFREG | 0o644, 0), b"")], r"outside \[257, 300\)"),
+    ("write to a directory",
+     [(RECORD_WRITE, WRITE_CODEC.pack(ROOT, 0), b"data")], "not a regular file"),
+    ("second name for a directory",
+     [(RECORD_CREATE, CREATE_CODEC.pack(257, stat.S_IFDIR | 0o755, 0), b""),
+      link(ROOT, 2, 257, ondisk.DT_DIR, b"a"), link(ROOT, 3, 257, ondisk.DT_DIR, b"b")], "already has a name"),
+], ids=lambda value: value if isinstance(value, str) and " " in value else "")
+def test_hostile_stream_rejected(make_image, case, records, message):
+    _, target, _ = make_image()
+    fails_cleanly(target, hostile_stream(records), message)
+    assert_clean(target)
 
 
 # ---------------------------------------------------------------------------

@@ -121,17 +121,22 @@ def test_send_and_receive_files(images):
     assert len(text.splitlines()) == 3
 
 
-def test_send_refuses_terminal(images):
+def test_terminal_refused(images):
     controller, terminal = pty.openpty()
     try:
-        result = subprocess.run([sys.executable, "-m", "cowtree", "send", "a.img@s1"], cwd=images,
-                                stdout=terminal, stderr=subprocess.PIPE)
+        sent = subprocess.run([sys.executable, "-m", "cowtree", "send", "a.img@s1"], cwd=images,
+                              stdout=terminal, stderr=subprocess.PIPE)
+        received = subprocess.run([sys.executable, "-m", "cowtree", "receive", "b.img"], cwd=images,
+                                  stdin=terminal, stderr=subprocess.PIPE)
     finally:
         os.close(terminal)
         os.close(controller)
-    assert result.returncode == 1
-    assert error_of(result) == ("cowtree: send: not writing a send stream to a terminal; redirect standard "
-                                "output or use -f FILE\n")
+    assert sent.returncode == 1
+    assert error_of(sent) == ("cowtree: send: not writing a send stream to a terminal; redirect standard "
+                              "output or use -f FILE\n")
+    assert received.returncode == 1
+    assert error_of(received) == ("cowtree: receive: not reading a send stream from a terminal; redirect "
+                                  "standard input or use -f FILE\n")
 
 
 def test_receive_failures_leave_image(images):
