@@ -415,8 +415,17 @@ class _Receiver:
     def _hole(self, record: Record) -> None:
         ino, offset, length = record.exact(HOLE_CODEC)
         self._inode_record(record, ino)
-        self._regular(record, ino)
-        self.fs.fallocate(ino, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+        inode = self._regular(record, ino)
+        fs = self.fs
+        first = next(iter(fs.extents(ino, 0, 1)), None)
+        if first is not None and first.kind == INLINE and offset == 0 and length >= inode.size:
+            # The sender's file has no data here, and this one stores its
+            # bytes inline: a punch would keep them as inline zeros.
+            fs.tree.delete((ino, ondisk.EXTENT_DATA, 0))
+            inode.nbytes = 0
+            fs.put_inode(inode)
+            return
+        fs.fallocate(ino, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
 
     def _symlink(self, record: Record) -> None:
         (ino,) = record.fixed(INODE_CODEC)
@@ -434,6 +443,19 @@ class _Receiver:
         inode.size = len(target)
         fs.put_inode(inode)
 
+    def _drop_empty_inline(self, inode: Inode) -> None:
+        """Delete an inline item without bytes, which a truncate to 0 leaves.
+
+        Growing the file would turn it into inline zeros, where a sender
+        whose file has no item keeps a hole.
+        """
+        fs = self.fs
+        first = next(iter(fs.extents(inode.ino, 0, 1)), None)
+        if first is not None and first.kind == INLINE and not first.inline[:inode.size]:
+            fs.tree.delete((inode.ino, ondisk.EXTENT_DATA, 0))
+            inode.nbytes = 0
+            fs.put_inode(inode)
+
     def _attr(self, record: Record) -> None:
         (ino, size, nlink, uid, gid, mode, rdev, flags, seq, atime_ns, mtime_ns, ctime_ns,
          otime_ns) = record.exact(ATTR_CODEC)
@@ -449,8 +471,10 @@ class _Receiver:
         if inode.is_reg and size != inode.size:
             if size > MAX_FILE_SIZE:
                 raise StreamError(f"invalid stream: record {record.seq} (ATTR) sets size {size}")
+            self._drop_empty_inline(inode)
             fs.truncate(ino, size)
             inode = fs.get_inode(ino)
+            self._drop_empty_inline(inode)
 
         # What the receiver counted must be what the sender had.
         if nlink != inode.nlink:

@@ -52,6 +52,7 @@ XATTR_ITEM = ondisk.XATTR_ITEM
 EXTENT_DATA = ondisk.EXTENT_DATA
 ROOT = ondisk.ROOT_DIR_INO
 GENERATION_SIZE = 8
+BLOCK = ondisk.BLOCK_SIZE
 REGULAR = ondisk.FILE_EXTENT_REGULAR
 INLINE = ondisk.FILE_EXTENT_INLINE
 
@@ -153,6 +154,10 @@ def _union(ranges: list) -> list:
         else:
             merged.append((start, end))
     return merged
+
+
+def _round_up(offset: int) -> int:
+    return -(-offset // BLOCK) * BLOCK
 
 
 def _mapping(extent: FileExtent):
@@ -323,10 +328,14 @@ class _Sender:
                 old_extents.append(FileExtent.decode(key[2], old, f"inode {ino} offset {key[2]}"))
             if new is not None:
                 new_extents.append(FileExtent.decode(key[2], new, f"inode {ino} offset {key[2]}"))
-        new_ranges = _union([(extent.offset, extent.end) for extent in new_extents])
-        old_ranges = _union([(extent.offset, extent.end) for extent in old_extents])
+        # Ranges in whole blocks: an inline item's bytes stand for its block.
+        new_ranges = _union([(extent.offset, _round_up(extent.end)) for extent in new_extents])
+        old_ranges = _union([(extent.offset, _round_up(extent.end)) for extent in old_extents])
+        # A hole is cut at the end of the block that holds the last byte, not
+        # at the size: a punch that ends inside a block writes zeros into it.
+        last_block_end = _round_up(inode.size)
         for start, end in _subtract(old_ranges, new_ranges):
-            end = min(end, inode.size)
+            end = min(end, last_block_end)
             if start < end:
                 self.writer.record(RECORD_HOLE, HOLE_CODEC.pack(ino, start, end - start))
         for extent in new_extents:

@@ -490,13 +490,15 @@ def test_hostile_stream_rejected(make_image, case, records, message):
 # Random operations against the model
 
 NAMES = st.sampled_from([b"a", b"b", b"c", b"dir", b"x" * 40])
+# Offsets and sizes, often at or next to a block boundary, where extents split.
+OFFSETS = st.one_of(st.integers(0, 30000), st.sampled_from([0, 1, 4095, 4096, 4097, 8192, 12287]))
 OPERATIONS = st.lists(st.one_of(
     st.tuples(st.just("create"), st.integers(0, 50), NAMES),
     st.tuples(st.just("mkdir"), st.integers(0, 50), NAMES),
     st.tuples(st.just("symlink"), st.integers(0, 50), NAMES, st.binary(min_size=1, max_size=30).map(
         lambda target: target.replace(b"\0", b"_"))),
-    st.tuples(st.just("write"), st.integers(0, 50), st.integers(0, 20000), st.integers(1, 9000)),
-    st.tuples(st.just("truncate"), st.integers(0, 50), st.integers(0, 30000)),
+    st.tuples(st.just("write"), st.integers(0, 50), OFFSETS, st.integers(1, 9000)),
+    st.tuples(st.just("truncate"), st.integers(0, 50), OFFSETS),
     st.tuples(st.just("link"), st.integers(0, 50), st.integers(0, 50), NAMES),
     st.tuples(st.just("unlink"), st.integers(0, 50)),
     st.tuples(st.just("rename"), st.integers(0, 50), st.integers(0, 50), NAMES),
@@ -504,7 +506,7 @@ OPERATIONS = st.lists(st.one_of(
     st.tuples(st.just("setxattr"), st.integers(0, 50), NAMES, st.binary(max_size=60)),
     st.tuples(st.just("removexattr"), st.integers(0, 50), NAMES),
     st.tuples(st.just("chmod"), st.integers(0, 50), st.integers(0, 0o7777)),
-    st.tuples(st.just("punch"), st.integers(0, 50), st.integers(0, 20000), st.integers(1, 12000)),
+    st.tuples(st.just("punch"), st.integers(0, 50), OFFSETS, st.integers(1, 12000)),
 ), min_size=3, max_size=40)
 
 
@@ -616,3 +618,50 @@ def test_receive_keeps_image_when_reopened(streams, reopen):
     assert fresh.generation == generation
     assert [sub.name for sub in sv.list_subvolumes(fresh)][1:] == [b"s1", b"s2"]
     assert dataclasses.asdict(sv.find(fresh, b"s2").identity)["received_gen"] == generation
+
+
+def test_truncate_to_zero_and_up_keeps_hole(make_image):
+    """A file emptied and then extended by one byte has no data blocks on either side."""
+    _, volume, fs = make_image()
+    ino = mkfile(fs, ROOT, b"file", b"x" * 3000)
+    volume.commit()
+    sv.create_snapshot(volume, b"s1")
+    fs.truncate(ino, 0)
+    fs.truncate(ino, 1)
+    volume.commit()
+    sv.create_snapshot(volume, b"s2")
+    _, target, _ = make_image()
+    receive_bytes(target, send_bytes(volume, b"s1"))
+    receive_bytes(target, send_bytes(volume, b"s2", parent=b"s1"))
+    assert_same_subvolume(volume, b"s2", target, b"s2")
+    assert list(sv.open_filesystem(target, b"s2").extents(ino)) == []
+
+
+def test_inline_and_regular_files_keep_holes(make_image):
+    """Files stored inline on one side and in blocks on the other keep the sender's holes."""
+    _, volume, fs = make_image()
+    # Stored in a block here, inline on the receiver after its first stream.
+    shrunk = mkfile(fs, ROOT, b"shrunk", b"s" * 8000)
+    fs.truncate(shrunk, 1)
+    # Stored in blocks here and on the receiver, then inline only here.
+    refilled = mkfile(fs, ROOT, b"refilled", b"r" * 8000)
+    steps = [
+        lambda: (fs.truncate(shrunk, 0), fs.truncate(refilled, 0), fs.write(refilled, 0, b"i" * 345)),
+        lambda: (fs.truncate(shrunk, 1), fs.write(refilled, 4096, b"b" * 105),
+                 fs.fallocate(refilled, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, 4096)),
+    ]
+    _, target, _ = make_image()
+    previous = None
+    for number in range(len(steps) + 1):
+        if number:
+            steps[number - 1]()
+        volume.commit()
+        name = b"s%d" % number
+        sv.create_snapshot(volume, name)
+        receive_bytes(target, send_bytes(volume, name, parent=previous))
+        assert_same_subvolume(volume, name, target, name)
+        previous = name
+    received = sv.open_filesystem(target, previous)
+    assert list(received.extents(shrunk)) == []
+    assert [extent.offset for extent in received.extents(refilled)] == [4096]
+    assert_clean(target)
