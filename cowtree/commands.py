@@ -370,20 +370,15 @@ def rm(operands: list[str], recursive: bool, force: bool, report=None) -> int:
             fs = session.filesystem(location, writable=True)
             try:
                 dir_ino, name = _split_existing(fs, location.path)
-            except FileNotFoundError as exc:
-                if force:
-                    return
-                raise CommandError("cannot remove", text, exc) from exc
-            except ERRORS as exc:
-                raise CommandError("cannot remove", text, exc) from exc
-            if name is None:
-                raise CommandError(None, text, message=f"refusing to remove the root directory '{text}'")
-            try:
+                if name is None:
+                    raise CommandError(None, text, message=f"refusing to remove the root directory '{text}'")
                 ino = fs.lookup(dir_ino, name)
                 inode = fs.get_inode(ino)
             except FileNotFoundError as exc:
                 if force:
                     return
+                raise CommandError("cannot remove", text, exc) from exc
+            except ERRORS as exc:
                 raise CommandError("cannot remove", text, exc) from exc
             if inode.is_dir and not recursive:
                 raise CommandError("cannot remove", text, IsADirectory("Is a directory"))
@@ -450,17 +445,24 @@ def mv(sources: list[str], dest: str) -> None:
             raise CommandError(None, dest, message=f"target '{dest}' is not a directory")
         for text in sources:
             location = _image_operand(text)
+            failed_move = f"cannot move '{text}' to '{dest}'"
+            if session.filesystem(location, writable=True) is not fs:
+                raise CommandError(None, text, CrossDevice("Invalid cross-device link"), message=failed_move)
             try:
-                if session.filesystem(location, writable=True) is not fs:
-                    raise CrossDevice("Invalid cross-device link")
                 old_dir, old_name = fs.resolve_parent(location.path)
+                fs.lookup(old_dir, old_name)
+            except InvalidArgument as exc:   # the root, which has no parent
+                raise CommandError(None, text, exc, message=failed_move) from exc
+            except ERRORS as exc:
+                raise CommandError("cannot stat", text, exc) from exc
+            try:
                 if dest_is_dir:
                     new_dir, new_name = dest_ino, old_name
                 else:
                     new_dir, new_name = fs.resolve_parent(dst_location.path)
                 fs.rename(old_dir, old_name, new_dir, new_name)
             except ERRORS as exc:
-                raise CommandError(None, text, exc, message=f"cannot move '{text}' to '{dest}'") from exc
+                raise CommandError(None, text, exc, message=failed_move) from exc
 
 
 def ln(target: str, link: str, symbolic: bool) -> None:
@@ -492,7 +494,8 @@ def ln(target: str, link: str, symbolic: bool) -> None:
                 fs.link(ino, dir_ino, name)
         except ERRORS as exc:
             if symbolic:
-                raise CommandError("failed to create symbolic link", link, exc) from exc
+                raise CommandError(None, link, exc, message=f"failed to create symbolic link '{link}' -> '{target}'") \
+                    from exc
             raise CommandError(None, link, exc, message=f"failed to create hard link '{link}' => '{target}'") from exc
 
 

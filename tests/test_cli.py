@@ -349,6 +349,44 @@ def test_name_too_long(workdir):
     assert error_of(result) == f"cowtree: cannot create regular file 'disk.img:/{name}': File name too long\n"
 
 
+def test_rm_long_name_is_operand_error(workdir):
+    """A name too long concerns its operand only: the operands around it still count."""
+    (workdir / "f").write_bytes(b"x")
+    cowtree(workdir, "cp", "f", "disk.img:/victim")
+    long_operand = "disk.img:/" + "a" * 256
+    result = cowtree(workdir, "rm", "-r", "disk.img:/victim", long_operand, "disk.img:/nope", check=False)
+    assert result.returncode == 1
+    assert error_of(result) == (f"cowtree: cannot remove '{long_operand}': File name too long\n"
+                                "cowtree: cannot remove 'disk.img:/nope': No such file or directory\n")
+    assert json_of(cowtree(workdir, "ls", "--json", "disk.img")) == []
+
+
+def test_long_name_in_each_command(workdir):
+    """Every command names the operand whose name is too long, and goes on with the next."""
+    cowtree(workdir, "mkdir", "disk.img:/d")
+    long_operand = "disk.img:/" + "a" * 256
+    cases = [
+        (("ls", long_operand, "disk.img:/d"), f"cannot access '{long_operand}'"),
+        (("stat", long_operand, "disk.img:/d"), f"cannot stat '{long_operand}'"),
+        (("cat", long_operand), long_operand),
+        (("mkdir", long_operand, "disk.img:/e"), f"cannot create directory '{long_operand}'"),
+        (("rmdir", long_operand, "disk.img:/e"), f"cannot remove '{long_operand}'"),
+        (("rm", "-f", long_operand), f"cannot remove '{long_operand}'"),
+        (("cp", "-r", long_operand, "disk.img:/c"), f"cannot stat '{long_operand}'"),
+        (("cp", "-r", "disk.img:/d", long_operand), f"cannot create directory '{long_operand}'"),
+        (("mv", long_operand, "disk.img:/m"), f"cannot stat '{long_operand}'"),
+        (("mv", "disk.img:/d", long_operand), f"cannot stat '{long_operand}'"),
+        (("ln", "-s", "d", long_operand), f"failed to create symbolic link '{long_operand}' -> 'd'"),
+        (("ln", "disk.img:/d", long_operand), f"failed to create hard link '{long_operand}' => 'disk.img:/d'"),
+    ]
+    for args, head in cases:
+        result = cowtree(workdir, *args, check=False)
+        assert result.returncode == 1, args
+        assert error_of(result) == f"cowtree: {head}: File name too long\n", args
+    names = [entry["name"] for entry in json_of(cowtree(workdir, "ls", "--json", "disk.img"))]
+    assert names == ["d"]
+
+
 def test_directory_onto_file(workdir):
     (workdir / "d").mkdir()
     (workdir / "f").write_bytes(b"x")
