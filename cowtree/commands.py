@@ -368,34 +368,57 @@ def rm(operands: list[str], recursive: bool, force: bool, report=None) -> int:
         def rm_one(text: str) -> None:
             location = _image_operand(text)
             fs = session.filesystem(location, writable=True)
+            _refuse_special(location.path, text)
             try:
-                dir_ino, name = _split_existing(fs, location.path)
-                if name is None:
-                    raise CommandError(None, text, message=f"refusing to remove the root directory '{text}'")
+                dir_ino, name = fs.resolve_parent(location.path)
                 ino = fs.lookup(dir_ino, name)
                 inode = fs.get_inode(ino)
-            except FileNotFoundError as exc:
-                if force:
+                if location.path.endswith(b"/") and not inode.is_dir:
+                    _remove_through_slash(fs, location.path, inode, recursive, text)
+                if inode.is_dir and not recursive:
+                    raise IsADirectory("Is a directory")
+            except CommandError:
+                raise
+            except ERRORS as exc:
+                # Like coreutils 9.1 rm -f, which also ignores "Not a directory".
+                if force and getattr(exc, "errno", None) in (errno.ENOENT, errno.ENOTDIR):
                     return
                 raise CommandError("cannot remove", text, exc) from exc
-            except ERRORS as exc:
-                raise CommandError("cannot remove", text, exc) from exc
-            if inode.is_dir and not recursive:
-                raise CommandError("cannot remove", text, IsADirectory("Is a directory"))
             _remove(fs, dir_ino, name, ino, text)
 
         return _each_operand(operands, rm_one, report)
 
 
-def _split_existing(fs, path: bytes):
-    """Return (directory inode, name) of path, or (root, None) for the root itself."""
+def _refuse_special(path: bytes, text: str) -> None:
+    """Reject removing the root directory, '.' or '..', as coreutils rm does."""
     stripped = path.rstrip(b"/")
-    if not stripped or stripped == b"":
-        return ondisk.ROOT_DIR_INO, None
-    head, name = _split(path)
-    if name in (b".", b".."):
-        raise InvalidArgument("Invalid argument: refusing to remove '.' or '..'")
-    return fs.resolve(head), name
+    if not stripped:
+        raise CommandError(None, text, message=f"refusing to remove the root directory '{text}'")
+    if posixpath.basename(stripped) in (b".", b".."):
+        raise CommandError(None, text, message=f"refusing to remove '.' or '..' directory: skipping '{text}'")
+
+
+def _remove_through_slash(fs, path: bytes, inode, recursive: bool, text: str) -> None:
+    """Handle rm of a non-directory named with a trailing slash; always raises.
+
+    This follows GNU coreutils 9.1 rm: the slash makes a symlink to a
+    directory stand for that directory, so without -r the error is "Is a
+    directory", and with -r its contents are removed before removing the
+    symlink fails with "Not a directory".  Anything else is "Not a directory".
+    """
+    if inode.is_symlink:
+        try:
+            target = fs.resolve(path.rstrip(b"/"))
+        except FileNotFoundError:
+            target = None
+        if target is not None and fs.get_inode(target).is_dir:
+            if not recursive:
+                raise IsADirectory("Is a directory")
+            if target == ondisk.ROOT_DIR_INO:
+                raise CommandError(None, text, message=f"refusing to remove the root directory '{text}'")
+            for _index, child_name, child_ino, _dtype in list(fs.readdir(target)):
+                _remove(fs, target, child_name, child_ino, join_text(text, os.fsdecode(child_name)))
+    raise NotADirectory("Not a directory")
 
 
 def _remove(fs, dir_ino: int, name: bytes, ino: int, text: str) -> None:
@@ -420,14 +443,34 @@ def rmdir(operands: list[str], report=None) -> int:
             location = _image_operand(text)
             fs = session.filesystem(location, writable=True)
             try:
-                dir_ino, name = _split_existing(fs, location.path)
-                if name is None:
+                if not location.path.rstrip(b"/"):
                     raise InvalidArgument("Invalid argument: the root directory cannot be removed")
+                dir_ino, name = fs.resolve_parent(location.path)
+                if location.path.endswith(b"/") and _names_linked_directory(fs, dir_ino, name):
+                    raise CommandError(None, text, message=f"cannot remove '{text}': Symbolic link not followed")
                 fs.rmdir(dir_ino, name)
+            except CommandError:
+                raise
             except ERRORS as exc:
                 raise CommandError("cannot remove", text, exc) from exc
 
         return _each_operand(operands, rmdir_one, report)
+
+
+def _names_linked_directory(fs, dir_ino: int, name: bytes) -> bool:
+    """Return whether name is a symlink to a directory, or to nothing.
+
+    coreutils 9.1 rmdir reports such an operand with a trailing slash as
+    "Symbolic link not followed" instead of "Not a directory".
+    """
+    ino = fs.lookup(dir_ino, name)
+    if not fs.get_inode(ino).is_symlink:
+        return False
+    try:
+        target = fs.resolve(name, cwd=dir_ino)
+    except FileNotFoundError:
+        return True
+    return fs.get_inode(target).is_dir
 
 
 def mv(sources: list[str], dest: str) -> None:

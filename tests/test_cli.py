@@ -387,6 +387,81 @@ def test_long_name_in_each_command(workdir):
     assert names == ["d"]
 
 
+def test_rm_trailing_slash(workdir):
+    """A trailing slash asks for a directory, as in coreutils 9.1 rm."""
+    (workdir / "f").write_bytes(b"x")
+    cowtree(workdir, "cp", "f", "disk.img:/tf")
+    cowtree(workdir, "mkdir", "-p", "disk.img:/d/sub", "disk.img:/e")
+    cowtree(workdir, "cp", "f", "disk.img:/d/x")
+    cowtree(workdir, "ln", "-s", "d", "disk.img:/sl")
+    cowtree(workdir, "ln", "-s", "tf", "disk.img:/slf")
+    cowtree(workdir, "ln", "-s", "nowhere", "disk.img:/dang")
+    cases = [
+        (("rm", "disk.img:/tf/"), "cannot remove 'disk.img:/tf/': Not a directory"),
+        (("rm", "-r", "disk.img:/tf/"), "cannot remove 'disk.img:/tf/': Not a directory"),
+        (("rm", "disk.img:/tf/x"), "cannot remove 'disk.img:/tf/x': Not a directory"),
+        (("rm", "-r", "disk.img:/slf/"), "cannot remove 'disk.img:/slf/': Not a directory"),
+        (("rm", "disk.img:/dang/"), "cannot remove 'disk.img:/dang/': Not a directory"),
+        (("rm", "disk.img:/sl/"), "cannot remove 'disk.img:/sl/': Is a directory"),
+        (("rm", "-r", "disk.img:/d/."), "refusing to remove '.' or '..' directory: skipping 'disk.img:/d/.'"),
+    ]
+    for args, message in cases:
+        result = cowtree(workdir, *args, check=False)
+        assert result.returncode == 1, args
+        assert error_of(result) == f"cowtree: {message}\n", args
+    names = [entry["name"] for entry in json_of(cowtree(workdir, "ls", "--json", "disk.img"))]
+    assert names == ["d", "dang", "e", "sl", "slf", "tf"]
+
+    quiet = cowtree(workdir, "rm", "-f", "disk.img:/tf/", "disk.img:/tf/x", "disk.img:/dang/")
+    assert error_of(quiet) == ""
+    cowtree(workdir, "rm", "-r", "disk.img:/e/")
+
+    # Like coreutils, rm -r removes what the linked directory contains, then
+    # fails to remove the symlink itself.
+    result = cowtree(workdir, "rm", "-r", "disk.img:/sl/", check=False)
+    assert result.returncode == 1
+    assert error_of(result) == "cowtree: cannot remove 'disk.img:/sl/': Not a directory\n"
+    assert json_of(cowtree(workdir, "ls", "--json", "disk.img:/d")) == []
+    names = [entry["name"] for entry in json_of(cowtree(workdir, "ls", "--json", "disk.img"))]
+    assert names == ["d", "dang", "sl", "slf", "tf"]
+
+
+def test_rmdir_trailing_slash(workdir):
+    """rmdir follows no symlink named with a trailing slash, as in coreutils 9.1 rmdir."""
+    (workdir / "f").write_bytes(b"x")
+    cowtree(workdir, "cp", "f", "disk.img:/tf")
+    cowtree(workdir, "mkdir", "disk.img:/d", "disk.img:/e")
+    cowtree(workdir, "ln", "-s", "d", "disk.img:/sl")
+    cowtree(workdir, "ln", "-s", "tf", "disk.img:/slf")
+    cowtree(workdir, "ln", "-s", "nowhere", "disk.img:/dang")
+    cases = [
+        ("disk.img:/tf/", "Not a directory"),
+        ("disk.img:/tf/x", "Not a directory"),
+        ("disk.img:/slf/", "Not a directory"),
+        ("disk.img:/sl", "Not a directory"),
+        ("disk.img:/sl/", "Symbolic link not followed"),
+        ("disk.img:/dang/", "Symbolic link not followed"),
+        ("disk.img:/d/.", "Invalid argument"),
+    ]
+    for operand, reason in cases:
+        result = cowtree(workdir, "rmdir", operand, check=False)
+        assert result.returncode == 1, operand
+        assert error_of(result) == f"cowtree: cannot remove '{operand}': {reason}\n", operand
+    cowtree(workdir, "rmdir", "disk.img:/e/")
+    names = [entry["name"] for entry in json_of(cowtree(workdir, "ls", "--json", "disk.img"))]
+    assert names == ["d", "dang", "sl", "slf", "tf"]
+
+
+def test_rm_link_to_root_refused(workdir):
+    cowtree(workdir, "mkdir", "disk.img:/d")
+    cowtree(workdir, "ln", "-s", "/", "disk.img:/top")
+    result = cowtree(workdir, "rm", "-r", "disk.img:/top/", check=False)
+    assert result.returncode == 1
+    assert error_of(result) == "cowtree: refusing to remove the root directory 'disk.img:/top/'\n"
+    names = [entry["name"] for entry in json_of(cowtree(workdir, "ls", "--json", "disk.img"))]
+    assert names == ["d", "top"]
+
+
 def test_directory_onto_file(workdir):
     (workdir / "d").mkdir()
     (workdir / "f").write_bytes(b"x")
