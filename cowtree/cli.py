@@ -9,6 +9,7 @@ needs when it runs.  Every failure reaches :func:`main`, and
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 
@@ -50,6 +51,21 @@ class SizeParam(click.ParamType):
 
 
 SIZE = SizeParam()
+
+
+class SecondsParam(click.ParamType):
+    """A finite number of seconds above 0, such as 5 or 0.5."""
+
+    name = "SECONDS"
+
+    def convert(self, value, param, ctx):
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            seconds = None
+        if seconds is None or not math.isfinite(seconds) or seconds <= 0:
+            self.fail(f"{value!r} is not a finite number of seconds above 0, such as 5 or 0.5", param, ctx)
+        return seconds
 
 
 def warn(message: str) -> None:
@@ -269,8 +285,8 @@ MOUNT_OPTIONS = ("ro", "rw", "allow_other")
 @click.option("-o", "options", multiple=True, metavar="OPTION[,OPTION...]",
               help="Mount options: ro (read-only), rw, allow_other (let other users in).")
 @click.option("-f", "--foreground", is_flag=True, help="Stay in the foreground and log to stderr until unmounted.")
-@click.option("--commit-interval", type=click.FloatRange(min=0, min_open=True), default=5.0, show_default=True,
-              metavar="SECONDS", help="Seconds between commits of the running transaction.")
+@click.option("--commit-interval", type=SecondsParam(), default=5.0, show_default=True,
+              help="Seconds between commits of the running transaction: a finite number above 0.")
 def mount(image: str, mountpoint: str, options: tuple, foreground: bool, commit_interval: float) -> None:
     """Mount IMAGE (or its snapshot NAME, read-only) at MOUNTPOINT through FUSE.
 

@@ -45,6 +45,7 @@ import dataclasses
 import errno
 import functools
 import logging
+import math
 import os
 import signal
 import stat as stat_module
@@ -728,8 +729,9 @@ class Mount:
         self.options = options
         if not os.path.isdir(options.mountpoint):
             raise NotADirectory(f"mountpoint {options.mountpoint}: not a directory")
-        if options.commit_interval <= 0:
-            raise ValueError(f"invalid commit interval {options.commit_interval}: must be above 0 seconds")
+        if not math.isfinite(options.commit_interval) or options.commit_interval <= 0:
+            raise ValueError(f"invalid commit interval {options.commit_interval}: must be a finite number of "
+                             f"seconds above 0")
         name = options.snapshot.encode("utf-8", "surrogateescape") if options.snapshot else None
         readonly = options.readonly
         base_override = os.environ.get("COWTREE_BASE") or None   # the CLI's global --base

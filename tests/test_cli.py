@@ -578,6 +578,17 @@ def test_usage_errors_exit_2(workdir):
     assert cowtree(workdir, "frobnicate", check=False).returncode == 2
 
 
+def test_mount_commit_interval_checked(workdir):
+    """A commit interval that is not a finite number of seconds above 0 is a usage error."""
+    (workdir / "mnt").mkdir()
+    for value in ("nan", "NaN", "inf", "-inf", "1e400", "0", "-0.0", "-1", "five", ""):
+        result = cowtree(workdir, "mount", "--commit-interval", value, "disk.img", "mnt", check=False)
+        assert result.returncode == 2, value
+        assert (f"Invalid value for '--commit-interval': {value!r} is not a finite number of seconds above 0"
+                in error_of(result)), value
+    assert not os.path.ismount(workdir / "mnt")
+
+
 def test_help_loads_no_engine(tmp_path):
     result = subprocess.run([sys.executable, "-X", "importtime", "-m", "cowtree", "--help"], cwd=tmp_path,
                             capture_output=True, text=True)
