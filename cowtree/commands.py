@@ -115,23 +115,24 @@ def df(images: list[str], as_json: bool, out) -> None:
 def info(images: list[str], as_json: bool, out, chain: bool = False, report=None) -> int:
     """Print the superblock and trees of each image, or with chain its layers.
 
-    With chain, an overlay whose base is missing or has changed still gets
-    its chain printed, then the error goes to report and the status is 1.
+    With chain, an overlay whose base is missing, unreadable or changed
+    still gets its chain printed, with the reason on the broken base's
+    line.  The error then goes to report and the status is 1.
     """
+    from .layers import BaseImageError
     results = []
     broken = []
     with Session() as session:
         for text in images:
             image = parse_image_operand(text).image
-            from .layers import BaseImageError
             try:
                 opened = session.open(image, writable=False)
             except BaseImageError as exc:
                 if not chain:
                     raise
                 # The chain is what a user looks at when a base is missing or changed.
-                results.append(_broken_chain(image, exc))
-                broken.append(CommandError(None, image, exc))
+                results.append(_broken_chain(image))
+                broken.append(exc)
                 continue
             results.append(listing.info_object(opened.path, opened.volume))
     if as_json:
@@ -147,20 +148,34 @@ def info(images: list[str], as_json: bool, out, chain: bool = False, report=None
     return 1 if broken else 0
 
 
-def _broken_chain(image: str, error: Exception) -> dict:
-    """Return the chain of an overlay whose base cannot be used: the overlay, and what it records of its base."""
-    import uuid as uuid_module
+def _broken_chain(image: str) -> dict:
+    """Return the chain of an overlay whose chain is broken: its intact layers, then the broken base.
 
-    from .layers import base_path, layer_record
+    Each layer is opened on its own and checked against the record of the
+    layer above it, as opening the overlay does, so the reason lands on the
+    line of the base that fails the check.
+    """
+    from .layers import MAX_CHAIN, BaseImageError, base_path, layer_record, open_base
     from .transaction import Volume
+    chain = []
     volume = Volume.open(image, writable=False)
     try:
-        record = layer_record(volume)
-        chain = [{"depth": 0, "image": image, "uuid": str(uuid_module.UUID(bytes=bytes(volume.uuid))),
-                  "generation": volume.generation, "image_bytes": volume.sb.image_bytes,
-                  "bytes_used": volume.sb.bytes_used}]
-        chain.append({"depth": 1, "image": base_path(volume, record), "uuid": str(uuid_module.UUID(bytes=record.uuid)),
-                      "generation": record.generation, "error": str(error)})
+        for depth in range(MAX_CHAIN + 1):
+            chain.append(listing.layer_object(depth, volume.path, volume))
+            record = layer_record(volume)
+            if record is None:
+                break
+            # Only the direct base can have moved to where the global --base says.
+            override = os.environ.get("COWTREE_BASE") if depth == 0 else None
+            path = override or base_path(volume, record)
+            try:
+                base = open_base(volume, record, path)
+            except BaseImageError as exc:
+                chain.append(listing.broken_layer_object(depth + 1, path, record.uuid, record.generation,
+                                                         exc.reason))
+                break
+            volume.close()
+            volume = base
     finally:
         volume.close()
     return {"image": image, "chain": chain}

@@ -122,7 +122,9 @@ def _open(path: str, writable: bool):
         raise FsckError(f"{path}: is a directory, not an image")
     try:
         return open_image(path, writable=writable, base=os.environ.get("COWTREE_BASE") or None)
-    except (ImageInUseError, UnsupportedFeatureError, PermissionError, BaseImageError) as exc:
+    except BaseImageError as exc:
+        raise FsckError(str(exc)) from exc   # it names the overlay and the base
+    except (ImageInUseError, UnsupportedFeatureError, PermissionError) as exc:
         raise FsckError(f"{path}: cannot open the image: {exc}") from exc
 
 

@@ -23,7 +23,7 @@ import os
 
 from . import ondisk
 from .btree import Tree
-from .errors import CowtreeError, ImageInUseError, InvalidArgument
+from .errors import CowtreeError, ImageInUseError, InvalidArgument, NotAnImageError
 from .fs import FileExtent
 from .transaction import Volume
 
@@ -37,7 +37,14 @@ BASE_CACHE_BYTES = 16 << 20
 
 
 class BaseImageError(CowtreeError):
-    """The base image of an overlay is missing or has changed."""
+    """The base image of an overlay is missing, cannot be read, or has changed."""
+
+    def __init__(self, overlay: str, base: str, record: "LayerRecord", reason: str):
+        self.overlay = overlay     # path of the overlay whose base this is
+        self.base = base           # path the base was looked for at
+        self.record = record       # what the overlay expects of its base
+        self.reason = reason       # what is wrong, worded to follow "base image 'PATH'"
+        super().__init__(f"{overlay}: base image '{base}' {reason}")
 
 
 @dataclasses.dataclass
@@ -77,19 +84,12 @@ def attach_bases(volume: Volume, base_override: str | None = None, depth: int = 
         if base_override:
             raise InvalidArgument(f"{volume.path}: not an overlay, so --base does not apply")
         return
-    if depth >= MAX_CHAIN:
-        raise BaseImageError(f"{volume.path}: chain of base images is longer than {MAX_CHAIN} (a loop?)")
     path = base_override or base_path(volume, record)
-    if not os.path.exists(path):
-        raise BaseImageError(f"{volume.path}: base image '{path}' not found "
-                             f"(give its new place with --base)")
-    base = Volume.open(path, writable=False, cache_bytes=BASE_CACHE_BYTES)
+    if depth >= MAX_CHAIN:
+        raise BaseImageError(volume.path, path, record,
+                             f"makes the chain of base images longer than {MAX_CHAIN} (a loop?)")
+    base = open_base(volume, record, path)
     try:
-        if base.uuid != record.uuid or base.generation != record.generation:
-            raise BaseImageError(
-                f"{volume.path}: base image '{path}' has changed since the overlay was made "
-                f"(overlay expects UUID {record.uuid.hex()} generation {record.generation}, "
-                f"base has UUID {base.uuid.hex()} generation {base.generation})")
         attach_bases(base, None, depth + 1)
     except BaseException:
         base.close()
@@ -98,6 +98,33 @@ def attach_bases(volume: Volume, base_override: str | None = None, depth: int = 
     if base_override and volume.writable:
         record.path = _relative_path(volume.path, base_override)
         volume.root_tree.put(LAYER_KEY, record.encode())
+
+
+def open_base(volume: Volume, record: LayerRecord, path: str) -> Volume:
+    """Open the direct base of overlay volume at path, read-only, without its own bases.
+
+    Raise BaseImageError, naming the overlay and the base, when the file is
+    missing, cannot be read as an image, or is not the image the overlay
+    was made on.  A base that another process is writing raises
+    ImageInUseError, and one with unknown features UnsupportedFeatureError.
+    """
+    if not os.path.exists(path):
+        raise BaseImageError(volume.path, path, record, "not found (give its new place with --base)")
+    if os.path.isdir(path):
+        raise BaseImageError(volume.path, path, record, "is a directory, not an image")
+    try:
+        base = Volume.open(path, writable=False, cache_bytes=BASE_CACHE_BYTES)
+    except (NotAnImageError, OSError) as exc:
+        detail = str(exc) if isinstance(exc, NotAnImageError) else exc.strerror or str(exc)
+        detail = detail.removeprefix(f"{path}: ")
+        raise BaseImageError(volume.path, path, record, f"cannot be read: {detail}") from exc
+    if base.uuid != record.uuid or base.generation != record.generation:
+        base.close()
+        raise BaseImageError(
+            volume.path, path, record,
+            f"has changed since the overlay was made (overlay expects UUID {record.uuid.hex()} generation "
+            f"{record.generation}, base has UUID {base.uuid.hex()} generation {base.generation})")
+    return base
 
 
 def _relative_path(overlay: str, base: str) -> str:

@@ -273,10 +273,21 @@ def info_object(path: str, volume) -> dict:
         "ro_compat_flags": sb.ro_compat_flags,
         "incompat_flags": sb.incompat_flags,
         "trees": trees,
-        "chain": [{"depth": depth, "image": layer.path, "uuid": str(uuid_module.UUID(bytes=bytes(layer.uuid))),
-                   "generation": layer.generation, "image_bytes": layer.sb.image_bytes,
-                   "bytes_used": layer.sb.bytes_used} for depth, layer in enumerate(volume.layers)],
+        "chain": [layer_object(depth, layer.path, layer) for depth, layer in enumerate(volume.layers)],
     }
+
+
+def layer_object(depth: int, path: str, volume) -> dict:
+    """Return the entry of info --chain for an image that opened: depth 0 is the top."""
+    return {"depth": depth, "image": path, "uuid": str(uuid_module.UUID(bytes=bytes(volume.uuid))),
+            "generation": volume.generation, "image_bytes": volume.sb.image_bytes,
+            "bytes_used": volume.sb.bytes_used}
+
+
+def broken_layer_object(depth: int, path: str, uuid: bytes, generation: int, reason: str) -> dict:
+    """Return the entry of info --chain for a base that cannot be used: what the layer above expects, and why."""
+    return {"depth": depth, "image": path, "uuid": str(uuid_module.UUID(bytes=uuid)), "generation": generation,
+            "error": reason}
 
 
 def info_text(obj: dict) -> str:
@@ -319,7 +330,7 @@ def chain_text(obj: dict) -> str:
     for layer in obj["chain"]:
         if "error" in layer:
             lines.append(f"layer {layer['depth']}: {layer['image']} expected uuid {layer['uuid']} generation "
-                         f"{layer['generation']}: unusable: {layer['error']}")
+                         f"{layer['generation']}: base image {layer['error']}")
             continue
         lines.append(f"layer {layer['depth']}: {layer['image']} uuid {layer['uuid']} generation "
                      f"{layer['generation']} image bytes {layer['image_bytes']} used {layer['bytes_used']} "

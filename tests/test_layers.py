@@ -421,10 +421,7 @@ def test_overlay_snapshot_usage_counts_base_as_shared(tmp_path, base_image):
 def test_info_chain_shows_changed_base(tmp_path, base_image):
     base, _ = base_image
     top = overlay(tmp_path, base)
-    volume = open_image(base, writable=True)
-    live(volume).mkdir(ROOT, b"late")
-    volume.commit()
-    volume.close()
+    change_image(base)
     result = run_cli(tmp_path, "info", "--chain", top, check=False)
     assert result.returncode == 1
     lines = result.stdout.decode().splitlines()
@@ -435,3 +432,87 @@ def test_info_chain_shows_changed_base(tmp_path, base_image):
     assert len(errors) == 1
     assert errors[0].startswith(f"cowtree: {top}: ")
     assert "has changed since the overlay was made" in errors[0]
+
+
+def change_image(path: str) -> None:
+    """Commit a new directory /late to the image at path, so that overlays made on it are refused."""
+    volume = open_image(path, writable=True)
+    live(volume).mkdir(ROOT, b"late")
+    volume.commit()
+    volume.close()
+
+
+def test_base_replaced_by_directory(tmp_path, base_image):
+    """A directory where the base was is named as the base, not as the overlay."""
+    base, _ = base_image
+    top = overlay(tmp_path, base)
+    os.rename(base, tmp_path / "base.keep")
+    os.mkdir(base)
+    expected = f"cowtree: {top}: base image '{base}' is a directory, not an image\n"
+    result = run_cli(tmp_path, "ls", f"{top}:/", check=False)
+    assert result.returncode == 1
+    assert result.stderr.decode() == expected
+    result = run_cli(tmp_path, "info", "--chain", top, check=False)
+    assert result.returncode == 1
+    assert result.stderr.decode() == expected
+    lines = result.stdout.decode().splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith(f"layer 0: {top} uuid ")
+    assert lines[1].startswith(f"layer 1: {base} expected uuid ")
+    assert lines[1].endswith(": base image is a directory, not an image")
+
+
+def test_base_replaced_by_other_file(tmp_path, base_image):
+    """A base that is no image is a broken chain (status 1) that info --chain still prints."""
+    base, _ = base_image
+    top = overlay(tmp_path, base)
+    with open(base, "wb") as handle:
+        handle.write(b"not an image\n")
+    result = run_cli(tmp_path, "info", "--chain", top, check=False)
+    assert result.returncode == 1
+    assert result.stderr.decode().startswith(f"cowtree: {top}: base image '{base}' cannot be read: "
+                                             f"not a cowtree image (")
+    lines = result.stdout.decode().splitlines()
+    assert len(lines) == 2
+    assert lines[1].startswith(f"layer 1: {base} expected uuid ")
+    assert ": base image cannot be read: not a cowtree image (" in lines[1]
+    [chain] = [json.loads(run_cli(tmp_path, "info", "--chain", "--json", top, check=False).stdout)]
+    assert [layer["depth"] for layer in chain["chain"]] == [0, 1]
+    assert chain["chain"][1]["error"].startswith("cannot be read: not a cowtree image (")
+
+
+def test_info_chain_names_broken_layer(tmp_path, base_image):
+    """Only the layer whose base changed carries the reason; the layers above it are listed whole."""
+    base, _ = base_image
+    middle = overlay(tmp_path, base, "middle.img")
+    top = overlay(tmp_path, middle, "top.img")
+    change_image(base)
+    result = run_cli(tmp_path, "info", "--chain", top, check=False)
+    assert result.returncode == 1
+    lines = result.stdout.decode().splitlines()
+    assert len(lines) == 3
+    assert lines[0].startswith(f"layer 0: {top} uuid ")
+    assert lines[1].startswith(f"layer 1: {middle} uuid ")
+    assert "expected" not in lines[1]
+    assert " image bytes " in lines[1]
+    assert lines[2].startswith(f"layer 2: {base} expected uuid ")
+    assert ": base image has changed since the overlay was made (" in lines[2]
+    assert result.stderr.decode().startswith(f"cowtree: {middle}: base image '{base}' has changed since ")
+
+
+def test_missing_base_message_once(tmp_path, base_image):
+    """The overlay is named once, and layer 1 shows the path --base gave."""
+    base, _ = base_image
+    top = overlay(tmp_path, base)
+    os.rename(base, tmp_path / "base.keep")
+    result = run_cli(tmp_path, "info", "--chain", top, check=False)
+    assert result.returncode == 1
+    assert result.stderr.decode() == f"cowtree: {top}: base image '{base}' not found (give its new place with --base)\n"
+    result = run_cli(tmp_path, "--base", "moved.img", "info", "--chain", top, check=False)
+    assert result.returncode == 1
+    assert result.stderr.decode() == (f"cowtree: {top}: base image 'moved.img' not found "
+                                      f"(give its new place with --base)\n")
+    lines = result.stdout.decode().splitlines()
+    assert lines[1].startswith("layer 1: moved.img expected uuid ")
+    result = run_cli(tmp_path, "--base", "base.keep", "info", "--chain", top)
+    assert result.stdout.decode().splitlines()[1].startswith("layer 1: base.keep uuid ")
