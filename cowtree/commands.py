@@ -462,12 +462,12 @@ def rmdir(operands: list[str], report=None) -> int:
                     raise InvalidArgument("Invalid argument: the root directory cannot be removed")
                 dir_ino, name = fs.resolve_parent(location.path)
                 if location.path.endswith(b"/") and _names_linked_directory(fs, dir_ino, name):
-                    raise CommandError(None, text, message=f"cannot remove '{text}': Symbolic link not followed")
+                    raise CommandError(None, text, message=f"failed to remove '{text}': Symbolic link not followed")
                 fs.rmdir(dir_ino, name)
             except CommandError:
                 raise
             except ERRORS as exc:
-                raise CommandError("cannot remove", text, exc) from exc
+                raise CommandError("failed to remove", text, exc) from exc
 
         return _each_operand(operands, rmdir_one, report)
 

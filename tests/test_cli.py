@@ -277,7 +277,7 @@ def test_rmdir_not_empty_message(workdir):
     cowtree(workdir, "mkdir", "-p", "disk.img:/a/b")
     result = cowtree(workdir, "rmdir", "disk.img:/a", check=False)
     assert result.returncode == 1
-    assert error_of(result) == "cowtree: cannot remove 'disk.img:/a': Directory not empty\n"
+    assert error_of(result) == "cowtree: failed to remove 'disk.img:/a': Directory not empty\n"
 
 
 def test_operand_errors_do_not_stop(workdir):
@@ -370,7 +370,7 @@ def test_long_name_in_each_command(workdir):
         (("stat", long_operand, "disk.img:/d"), f"cannot stat '{long_operand}'"),
         (("cat", long_operand), long_operand),
         (("mkdir", long_operand, "disk.img:/e"), f"cannot create directory '{long_operand}'"),
-        (("rmdir", long_operand, "disk.img:/e"), f"cannot remove '{long_operand}'"),
+        (("rmdir", long_operand, "disk.img:/e"), f"failed to remove '{long_operand}'"),
         (("rm", "-f", long_operand), f"cannot remove '{long_operand}'"),
         (("cp", "-r", long_operand, "disk.img:/c"), f"cannot stat '{long_operand}'"),
         (("cp", "-r", "disk.img:/d", long_operand), f"cannot create directory '{long_operand}'"),
@@ -446,7 +446,7 @@ def test_rmdir_trailing_slash(workdir):
     for operand, reason in cases:
         result = cowtree(workdir, "rmdir", operand, check=False)
         assert result.returncode == 1, operand
-        assert error_of(result) == f"cowtree: cannot remove '{operand}': {reason}\n", operand
+        assert error_of(result) == f"cowtree: failed to remove '{operand}': {reason}\n", operand
     cowtree(workdir, "rmdir", "disk.img:/e/")
     names = [entry["name"] for entry in json_of(cowtree(workdir, "ls", "--json", "disk.img"))]
     assert names == ["d", "dang", "sl", "slf", "tf"]
