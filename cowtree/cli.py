@@ -1,6 +1,7 @@
 """The cowtree command line.
 
-Only click and the light :mod:`cowtree.operands` are imported at start-up,
+Only click and the light :mod:`cowtree.operands` and :mod:`cowtree.output`
+are imported at start-up,
 so ``cowtree --help`` loads no engine code; each command imports what it
 needs when it runs.  Every failure reaches :func:`main`, and
 :func:`describe_error` turns it into one message line and an exit status.
@@ -8,15 +9,18 @@ needs when it runs.  Every failure reaches :func:`main`, and
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
+import signal
 import sys
 
 import click
 
 from . import __version__
 from .operands import parse_location, parse_size
+from .output import OutputError, StandardOutput
 
 EXIT_OK = 0
 EXIT_FAILURE = 1          # an operation failed: missing path, no space, permission, ...
@@ -72,8 +76,8 @@ def warn(message: str) -> None:
     sys.stderr.write(f"cowtree: {message}\n")
 
 
-def _out():
-    return sys.stdout.buffer
+def _out() -> StandardOutput:
+    return StandardOutput(sys.stdout.buffer)
 
 
 def _report(exc: BaseException) -> None:
@@ -364,8 +368,15 @@ def fsck(image: str, repair: bool, as_json: bool, verbose: bool, no_data: bool) 
     remain, 3 only leaked space remains, 4 the image could not be opened
     or the command line is invalid.
     """
-    from .fsck import run
-    return run(image, repair=repair, as_json=as_json, verbose=verbose, data=not no_data)
+    from .fsck import EXIT_OPERATIONAL, run
+    out = StandardOutput(sys.stdout)
+    try:
+        status = run(image, repair=repair, as_json=as_json, verbose=verbose, data=not no_data, out=out)
+        out.flush()
+    except OutputError as exc:
+        exc.exit_status = EXIT_OPERATIONAL
+        raise
+    return status
 
 
 def status_of(exc: BaseException) -> int:
@@ -406,6 +417,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ["--reflink=always" if arg == "--reflink" else arg for arg in args]
     try:
         status = cli.main(args=args, prog_name="cowtree", standalone_mode=False)
+        StandardOutput(sys.stdout).flush()
+    except OutputError as exc:
+        return _output_failed(exc)
     except click.exceptions.Abort:
         warn("interrupted")
         return EXIT_INTERRUPTED
@@ -420,6 +434,28 @@ def main(argv: list[str] | None = None) -> int:
         warn(message)
         return status
     return status if isinstance(status, int) else EXIT_OK
+
+
+def _output_failed(exc: OutputError) -> int:
+    """Report a failed write to standard output as coreutils does, and return the exit status.
+
+    A closed pipe (EPIPE) ends the process silently through SIGPIPE, as it
+    ends coreutils cat under the default SIGPIPE action, so a shell sees
+    status 141.  Python ignores SIGPIPE, so the default is put back first.
+    """
+    # NOTE: coreutils that inherit an ignored SIGPIPE print "write error:
+    # Broken pipe" and exit 1 instead.  Python sets SIGPIPE to ignored before
+    # any of this code runs, so the inherited action is unknown here.
+    # Output still buffered must not fail again in the flush at exit.
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, sys.stdout.fileno())
+    os.close(null)
+    if exc.cause.errno == errno.EPIPE:
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGPIPE)
+        return 128 + signal.SIGPIPE   # reached only while SIGPIPE is blocked
+    warn(f"write error: {reason_of(exc.cause)}")
+    return exc.exit_status
 
 
 def _register_more_commands() -> None:

@@ -18,7 +18,8 @@ log = logging.getLogger("cowtree")
 
 
 def _out():
-    return sys.stdout.buffer
+    from .output import StandardOutput
+    return StandardOutput(sys.stdout.buffer)
 
 
 def _write_json(value) -> None:

@@ -10,6 +10,7 @@ import errno
 import fcntl
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -460,6 +461,34 @@ def test_rm_link_to_root_refused(workdir):
     assert error_of(result) == "cowtree: refusing to remove the root directory 'disk.img:/top/'\n"
     names = [entry["name"] for entry in json_of(cowtree(workdir, "ls", "--json", "disk.img"))]
     assert names == ["d", "top"]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_write_error_names_no_operand(workdir):
+    """A full standard output is a write error, as in coreutils, not a problem of the image."""
+    (workdir / "f").write_bytes(os.urandom(1 << 20))
+    cowtree(workdir, "cp", "f", "disk.img:/f")
+    cases = [(("cat", "disk.img:/f"), 1), (("ls", "disk.img:/"), 1), (("stat", "--json", "disk.img:/f"), 1),
+             (("info", "disk.img"), 1), (("snapshot", "list", "disk.img"), 1), (("fsck", "disk.img"), 4)]
+    for args, status in cases:
+        with open("/dev/full", "wb") as full:
+            result = subprocess.run([sys.executable, "-m", "cowtree", *args], cwd=workdir, stdout=full,
+                                    stderr=subprocess.PIPE)
+        assert result.returncode == status, args
+        assert result.stderr.decode() == "cowtree: write error: No space left on device\n", args
+
+
+def test_closed_pipe_ends_quietly(workdir):
+    """Like coreutils cat, cat into a pipe whose reader has gone dies of SIGPIPE without a message."""
+    (workdir / "f").write_bytes(os.urandom(4 << 20))
+    cowtree(workdir, "cp", "f", "disk.img:/f")
+    process = subprocess.Popen([sys.executable, "-m", "cowtree", "cat", "disk.img:/f"], cwd=workdir,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert len(process.stdout.read(1)) == 1
+    process.stdout.close()
+    stderr = process.stderr.read()
+    assert process.wait(timeout=60) == -signal.SIGPIPE
+    assert stderr == b""
 
 
 def test_directory_onto_file(workdir):
