@@ -146,7 +146,13 @@ def mkfs(image: str, size: int, node_size: int, label: str, force: bool, base: s
                    "ino, and target for symlinks.")
 @click.argument("operands", nargs=-1, required=True, metavar="IMAGE[:/PATH]...")
 def ls(long: bool, show_all: bool, recursive: bool, as_json: bool, operands: tuple) -> int:
-    """List directories inside images (the root when no path is given)."""
+    """List directories inside images (the root when no path is given).
+
+    As in coreutils ls, files named as operands come first, then the
+    directories, each group sorted by name.  With -R or several operands
+    each directory gets a header line: its path inside the image (/dir:)
+    when there is one operand, IMAGE:/dir: when there are several.
+    """
     from . import commands
     return commands.ls(list(operands), long, show_all, recursive, as_json, _out(), _report)
 

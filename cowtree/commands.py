@@ -187,19 +187,20 @@ def _broken_chain(image: str) -> dict:
 
 def ls(operands: list[str], long: bool, show_all: bool, recursive: bool, as_json: bool, out,
        report=None) -> int:
-    """List operands as coreutils ls does: files first, then each directory.
+    """List operands as coreutils ls does: files first, then each directory, each group sorted by name.
 
-    A directory gets a header line when there is more than one operand or
-    with -R, and blocks are separated by blank lines.
+    Errors are reported in command-line order first.  A directory gets a
+    header line when there is more than one operand or with -R, and blocks
+    are separated by blank lines.
     """
     objects = []
     wants_target = long or as_json
     several = len(operands) > 1
     written = False
+    files = []
     directories = []
 
-    def list_file(text: str) -> None:
-        nonlocal written
+    def look_up(text: str) -> None:
         location = parse_image_operand(text)
         fs = session.filesystem(location)
         try:
@@ -208,19 +209,25 @@ def ls(operands: list[str], long: bool, show_all: bool, recursive: bool, as_json
         except ERRORS as exc:
             raise CommandError("cannot access", str(location), exc) from exc
         if inode.is_dir:
-            directories.append((location, fs, ino))
-            return
-        target = fs.readlink(ino) if inode.is_symlink and wants_target else None
-        if as_json:
-            objects.append(listing.entry_object(_split(location.path)[1], location.path, inode, target))
+            directories.append((os.fsencode(text), location, fs, ino))
         else:
-            rows = [(location.path, inode, target)]
-            out.write(b"\n".join(listing.long_lines(rows) if long else [location.path]) + b"\n")
+            target = fs.readlink(ino) if inode.is_symlink and wants_target else None
+            files.append((os.fsencode(text), location, inode, target))
+
+    def list_files() -> None:
+        nonlocal written
+        files.sort(key=lambda file: file[0])
+        if as_json:
+            objects.extend(listing.entry_object(_split(location.path)[1], location.path, inode, target)
+                           for _, location, inode, target in files)
+        elif files:
+            rows = [(location.path, inode, target) for _, location, inode, target in files]
+            out.write(b"\n".join(listing.long_lines(rows) if long else [row[0] for row in rows]) + b"\n")
             written = True
 
     def list_directory(directory) -> None:
         nonlocal written
-        location, fs, ino = directory
+        _, location, fs, ino = directory
         pending = [(location.path, ino)]
         while pending:
             path, dir_ino = pending.pop(0)
@@ -250,7 +257,9 @@ def ls(operands: list[str], long: bool, show_all: bool, recursive: bool, as_json
                 pending[0:0] = [(_join(path, name), child) for name, child in subdirs]
 
     with Session() as session:
-        status = _each_operand(operands, list_file, report)
+        status = _each_operand(operands, look_up, report)
+        list_files()
+        directories.sort(key=lambda directory: directory[0])
         status |= _each_operand(directories, list_directory, report)
     if as_json:
         _write_json(out, objects)

@@ -326,6 +326,39 @@ def test_ls_several_operands(workdir):
     assert [entry["path"] for entry in listed] == ["/a/f", "/a/f"]
 
 
+def test_ls_sorts_operands(workdir):
+    """Files, then directories, each sorted by name, whatever the command-line order."""
+    cowtree(workdir, "mkdir", "-p", "disk.img:/b/sub", "disk.img:/a")
+    (workdir / "small").write_bytes(b"x")
+    (workdir / "large").write_bytes(b"x" * 12345)
+    cowtree(workdir, "cp", "small", "disk.img:/zf")
+    cowtree(workdir, "cp", "large", "disk.img:/af")
+    cowtree(workdir, "cp", "small", "disk.img:/b/x")
+    operands = ["disk.img:/zf", "disk.img:/b", "disk.img:/nope", "disk.img:/a", "disk.img:/af"]
+    result = cowtree(workdir, "ls", *operands, check=False)
+    assert result.returncode == 1
+    assert result.stdout == b"/af\n/zf\n\ndisk.img:/a:\n\ndisk.img:/b:\nsub\nx\n"
+    assert error_of(result) == "cowtree: cannot access 'disk.img:/nope': No such file or directory\n"
+
+    listed = json_of(cowtree(workdir, "ls", "--json", *operands, check=False))
+    assert [entry["path"] for entry in listed] == ["/af", "/zf", "/b/sub", "/b/x"]
+
+    long = cowtree(workdir, "ls", "-l", "disk.img:/zf", "disk.img:/af").stdout.decode().splitlines()
+    assert [line.rsplit(" ", 1)[1] for line in long] == ["/af", "/zf"]
+    assert len(long[0]) == len(long[1])   # one block, so the size column is aligned
+
+
+def test_ls_recursive_headers(workdir):
+    """With -R the header is the path for one operand, IMAGE:/path for several."""
+    cowtree(workdir, "mkdir", "-p", "disk.img:/b/sub", "disk.img:/a")
+    assert cowtree(workdir, "ls", "-R", "disk.img:/b").stdout == b"/b:\nsub\n\n/b/sub:\n"
+    result = cowtree(workdir, "ls", "-R", "disk.img:/b", "disk.img:/a")
+    assert result.stdout == b"disk.img:/a:\n\ndisk.img:/b:\nsub\n\ndisk.img:/b/sub:\n"
+    help_text = cowtree(workdir, "ls", "--help").stdout.decode()
+    assert "(/dir:)" in help_text
+    assert "IMAGE:/dir:" in help_text
+
+
 def test_no_space_in_one_operand_drops_all(tmp_path):
     """No space left is not an operand error: nothing the command did stays."""
     cowtree(tmp_path, "mkfs", "--size", "3M", "--node-size", "4K", "small.img")
