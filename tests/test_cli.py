@@ -10,6 +10,7 @@ import errno
 import fcntl
 import json
 import os
+import pathlib
 import signal
 import stat
 import subprocess
@@ -792,6 +793,21 @@ def test_stdlib_round_trip(workdir):
             original_st = os.lstat(original)
             assert copied_st.st_mode == original_st.st_mode, copied
             assert copied_st.st_mtime_ns == original_st.st_mtime_ns, copied
+
+
+@pytest.mark.parametrize("nodesize, limit", [(4096, 979), (16384, 4051), (65536, 16339)])
+def test_xattr_limit_in_readme(make_image, nodesize, limit):
+    """The README's limit on an xattr's name and value together is what setxattr enforces."""
+    _path, volume, fs = make_image(nodesize=nodesize)
+    ino = fs.mknod(ondisk.ROOT_DIR_INO, b"f", stat.S_IFREG | 0o644).ino
+    name = b"user.comment"
+    fs.setxattr(ino, name, b"v" * (limit - len(name)))
+    with pytest.raises(OSError) as raised:
+        fs.setxattr(ino, name, b"v" * (limit - len(name) + 1))
+    assert raised.value.errno == errno.E2BIG
+    volume.commit()
+    readme = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert f"{limit:,} bytes at" in readme or f"{limit:,} at" in readme
 
 
 def test_errno_names_match_host():
