@@ -361,6 +361,10 @@ def mkdir(operands: list[str], parents: bool, mode: int | None, report=None) -> 
             try:
                 if parents:
                     _make_parents(fs, location.path, mode)
+                elif posixpath.basename(location.path.rstrip(b"/")) in (b"", b".", b".."):
+                    # The root, '.' or '..': an existing directory, if the path resolves.
+                    fs.resolve(location.path)
+                    raise Exists("File exists")
                 else:
                     dir_ino, name = fs.resolve_parent(location.path)
                     fs.mkdir(dir_ino, name, mode, os.getuid(), os.getgid())

@@ -525,6 +525,18 @@ def test_closed_pipe_ends_quietly(workdir):
     assert stderr == b""
 
 
+def test_mkdir_existing_root_or_dot(workdir):
+    """mkdir of the root, '.' or '..' finds a directory that exists, as coreutils mkdir does."""
+    cowtree(workdir, "mkdir", "disk.img:/d")
+    cases = [("disk.img:/", "File exists"), ("disk.img:/d/.", "File exists"), ("disk.img:/d/..", "File exists"),
+             ("disk.img:/nope/..", "No such file or directory")]
+    for operand, reason in cases:
+        result = cowtree(workdir, "mkdir", operand, check=False)
+        assert result.returncode == 1, operand
+        assert error_of(result) == f"cowtree: cannot create directory '{operand}': {reason}\n", operand
+    cowtree(workdir, "mkdir", "-p", "disk.img:/", "disk.img:/d/..")
+
+
 def test_directory_onto_file(workdir):
     (workdir / "d").mkdir()
     (workdir / "f").write_bytes(b"x")
