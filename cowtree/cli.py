@@ -446,16 +446,17 @@ def _output_failed(exc: OutputError) -> int:
     """Report a failed write to standard output as coreutils does, and return the exit status.
 
     A closed pipe (EPIPE) ends the process silently through SIGPIPE, as it
-    ends coreutils cat under the default SIGPIPE action, so a shell sees
-    status 141.  Python ignores SIGPIPE, so the default is put back first.
+    ends coreutils cat under the default SIGPIPE action, so a shell reports
+    status 141.  Python ignores SIGPIPE, so the default action is restored first.
     """
-    # NOTE: coreutils that inherit an ignored SIGPIPE print "write error:
-    # Broken pipe" and exit 1 instead.  Python sets SIGPIPE to ignored before
-    # any of this code runs, so the inherited action is unknown here.
     # Output still buffered must not fail again in the flush at exit.
     null = os.open(os.devnull, os.O_WRONLY)
     os.dup2(null, sys.stdout.fileno())
     os.close(null)
+
+    # NOTE: coreutils that inherit an ignored SIGPIPE print "write error:
+    # Broken pipe" and exit 1 instead.  Python sets SIGPIPE to ignored before
+    # any of this code runs, so the inherited action is unknown here.
     if exc.cause.errno == errno.EPIPE:
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGPIPE)

@@ -165,7 +165,7 @@ def _broken_chain(image: str) -> dict:
             record = layer_record(volume)
             if record is None:
                 break
-            # Only the direct base can have moved to where the global --base says.
+            # The global --base option names the direct base only.
             override = os.environ.get("COWTREE_BASE") if depth == 0 else None
             path = override or base_path(volume, record)
             try:
@@ -396,7 +396,7 @@ def rm(operands: list[str], recursive: bool, force: bool, report=None) -> int:
         def rm_one(text: str) -> None:
             location = _image_operand(text)
             fs = session.filesystem(location, writable=True)
-            _refuse_special(location.path, text)
+            _reject_root_or_dot(location.path, text)
             try:
                 dir_ino, name = fs.resolve_parent(location.path)
                 ino = fs.lookup(dir_ino, name)
@@ -417,7 +417,7 @@ def rm(operands: list[str], recursive: bool, force: bool, report=None) -> int:
         return _each_operand(operands, rm_one, report)
 
 
-def _refuse_special(path: bytes, text: str) -> None:
+def _reject_root_or_dot(path: bytes, text: str) -> None:
     """Reject removing the root directory, '.' or '..', as coreutils rm does."""
     stripped = path.rstrip(b"/")
     if not stripped:

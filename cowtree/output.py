@@ -29,9 +29,9 @@ class StandardOutput:
             if isinstance(data, str):
                 self.stream.write(data)
                 return
-            # A BufferedWriter may return a short count instead of raising,
-            # as Python 3.11's does when the reader of a pipe goes away in the
-            # middle of a large write; the next write raises the error.
+            # Python 3.11's BufferedWriter returns a short count instead of
+            # raising when the reader of a pipe goes away during a large
+            # write.  Writing the rest raises the error.
             view = memoryview(data)
             while view:
                 view = view[self.stream.write(view):]

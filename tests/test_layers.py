@@ -435,7 +435,7 @@ def test_info_chain_shows_changed_base(tmp_path, base_image):
 
 
 def change_image(path: str) -> None:
-    """Commit a new directory /late to the image at path, so that overlays made on it are refused."""
+    """Commit a new directory /late to the image at path, so that overlays made on it are rejected."""
     volume = open_image(path, writable=True)
     live(volume).mkdir(ROOT, b"late")
     volume.commit()
