@@ -34,8 +34,8 @@ tree ids stay below 2**24 (both are checked, failing with EOVERFLOW).
 
 Durability: every change goes into the volume's running transaction, which
 is committed every ``commit_interval`` seconds, on fsync and fsyncdir, and
-at unmount.  After a crash of the mount process the image opens at its last
-commit.
+at unmount, including the unmount that SIGINT, SIGTERM or SIGHUP starts.
+After a crash of the mount process the image opens at its last commit.
 """
 
 from __future__ import annotations
@@ -112,6 +112,8 @@ LIVE_TIMEOUT = 1.0
 SNAPSHOT_TIMEOUT = 300.0
 
 DEFAULT_COMMIT_INTERVAL = 5.0
+# Each of these makes the mount process unmount, commit and exit 0, as umount does.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 ACL_XATTRS = (b"system.posix_acl_access", b"system.posix_acl_default")
 
 
@@ -758,10 +760,20 @@ class Mount:
                 fuse_options.add("allow_other")
             if _fuse_ops is not None:
                 _fuse_ops.set_handlers(self.ops.lseek, self.ops.fallocate)
-            pyfuse3.init(self.ops, options.mountpoint, fuse_options)
+            # From here on a stop signal is recorded until serve() handles it,
+            # so it cannot kill the process and leave a dead mount behind.
+            self.stop_signal: int | None = None
+            self.previous_handlers = {signum: signal.signal(signum, self._record_signal) for signum in STOP_SIGNALS}
+            try:
+                pyfuse3.init(self.ops, options.mountpoint, fuse_options)
+            except BaseException:
+                self.restore_signal_handlers()
+                raise
         except BaseException:
             self.volume.close()
             raise
+        self.mountpoint = os.path.abspath(options.mountpoint)
+        self.detached = False
         if not seek_and_fallocate_supported():
             reason = _FUSE_OPS_MISSING or "pyfuse3 did not create its session through cowtree._fuse_ops"
             log.warning("%s: SEEK_DATA and SEEK_HOLE report the whole file as data, and fallocate fails with "
@@ -769,28 +781,48 @@ class Mount:
         log.info("mounted %s at %s (%s, generation %d)", fs.label, options.mountpoint,
                  "read-only" if fs.readonly else "read-write", self.volume.generation)
 
+    def _record_signal(self, signum: int, frame) -> None:
+        """Remember the first stop signal that arrives outside the trio loop."""
+        if self.stop_signal is None:
+            self.stop_signal = signum
+
+    def restore_signal_handlers(self) -> None:
+        """Put back the signal handlers that were in place before this mount."""
+        for signum, handler in self.previous_handlers.items():
+            signal.signal(signum, handler)
+
     def serve(self) -> None:
-        """Serve requests until the filesystem is unmounted or SIGINT/SIGTERM arrives, then commit and close."""
-        unmounted = False
+        """Serve requests until the filesystem is unmounted or a stop signal arrives, then commit and close.
+
+        On SIGINT, SIGTERM or SIGHUP the mountpoint is detached (as with
+        ``umount -l``), requests that are being handled finish, the running
+        transaction is committed and the session closes.  Processes that
+        still have files open inside get ENOTCONN from then on.
+        """
+        # The loop ends by itself only when the kernel has closed the
+        # connection, and then close() must not unmount again.
+        unmount = True
         try:
             trio.run(self._main)
-            unmounted = True
+            unmount = self.stop_signal is not None and not self.detached
         finally:
             try:
                 self.ops.commit()
             finally:
-                pyfuse3.close(unmount=not unmounted)
+                pyfuse3.close(unmount=unmount)
                 if _fuse_ops is not None:
                     _fuse_ops.set_handlers(None, None)
                 self.volume.close()
+                self.restore_signal_handlers()
         log.info("unmounted %s at generation %d", self.options.mountpoint, self.volume.generation)
 
     async def _main(self) -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._commit_periodically)
-            nursery.start_soon(self._stop_on_signal)
-            await pyfuse3.main()
-            nursery.cancel_scope.cancel()
+        with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._commit_periodically)
+                nursery.start_soon(self._stop_on_signal, signals)
+                await pyfuse3.main()
+                nursery.cancel_scope.cancel()
 
     async def _commit_periodically(self) -> None:
         while True:
@@ -800,12 +832,33 @@ class Mount:
             except Exception as exc:
                 self.ops.errno_of("commit", (), exc, mutating=True)
 
-    async def _stop_on_signal(self) -> None:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    def _detach(self) -> None:
+        """Detach the mountpoint lazily with fusermount3 -u -z.  On failure, close() unmounts it later."""
+        try:
+            umount(self.mountpoint, lazy=True)
+        except MountError as exc:
+            log.error("detaching %s failed (%s); unmounting it when the session closes", self.mountpoint, exc)
+            return
+        self.detached = True
+
+    async def _stop_on_signal(self, signals) -> None:
+        """Wait for a stop signal (or take the one recorded before the loop started), then stop serving."""
+        if self.stop_signal is None:
             async for signum in signals:
-                log.info("received signal %d: unmounting", signum)
-                pyfuse3.terminate()
-                return
+                self.stop_signal = signum
+                break
+        log.info("received %s: unmounting %s", signal.Signals(self.stop_signal).name, self.options.mountpoint)
+
+        # Detach first, so that new path lookups no longer reach this mount.
+        # Processes with files open inside keep the connection, and their
+        # requests are served while fusermount3 runs.
+        await trio.to_thread.run_sync(self._detach)
+
+        # Stop reading requests.  pyfuse3.main() returns once the requests
+        # that are being handled have replied.
+        pyfuse3.terminate()
+        async for signum in signals:
+            log.info("received %s while unmounting; already stopping", signal.Signals(signum).name)
 
 
 def mount(options: MountOptions, foreground: bool = False) -> None:
@@ -823,6 +876,7 @@ def mount(options: MountOptions, foreground: bool = False) -> None:
     if os.fork():
         # The daemon serves the mount.  This process must not close the
         # session or the image; exiting only drops its copies of the descriptors.
+        mounted.restore_signal_handlers()
         return
     exit_status = 1
     try:

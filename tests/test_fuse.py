@@ -118,6 +118,15 @@ class MountedImage:
             result = subprocess.run(["fusermount3", "-u", self.mountpoint], capture_output=True)
             if result.returncode:
                 subprocess.run(["fusermount3", "-u", "-z", self.mountpoint], capture_output=True)
+        return self.wait()
+
+    def stop(self, signum: int) -> int:
+        """Send signum to the mount process, wait for it and return its exit status, without unmounting."""
+        self.process.send_signal(signum)
+        return self.wait()
+
+    def wait(self) -> int:
+        """Wait up to 60 s for the mount process to exit (then kill it) and return its exit status."""
         try:
             status = self.process.wait(timeout=60)
         except subprocess.TimeoutExpired:
@@ -132,6 +141,17 @@ class MountedImage:
         self.process.wait()
         subprocess.run(["fusermount3", "-u", "-z", self.mountpoint], capture_output=True)
         self.log.close()
+
+
+def listed_in_mounts(mountpoint: str) -> bool:
+    """Return True while /proc/self/mounts lists mountpoint, dead mounts included.
+
+    os.path.ismount() returns False for a mount whose process has exited,
+    because stat(2) fails there with ENOTCONN.  The file escapes spaces as
+    \\040, so this works only for paths without spaces, as the tests use.
+    """
+    with open("/proc/self/mounts") as mounts:
+        return any(line.split()[1] == mountpoint for line in mounts)
 
 
 def assert_image_clean(image: str) -> Volume:
@@ -157,6 +177,10 @@ def mount_image(tmp_path):
 
     yield make
     statuses = [(m, m.unmount()) for m in mounts if m.process.returncode is None]
+    for mounted in mounts:
+        if listed_in_mounts(mounted.mountpoint):
+            # A mount process that exited without unmounting left a dead mount.
+            subprocess.run(["fusermount3", "-u", "-z", mounted.mountpoint], capture_output=True)
     for mounted, status in statuses:
         assert status == 0, f"mount process exited with {status}:\n{mounted.output()}"
 
@@ -996,6 +1020,67 @@ def test_unmount_commits_and_checks_clean(mount_image):
     try:
         fs = live(volume)
         assert fs.read(fs.lookup(256, b"f"), 0, 100) == b"unmount commits this"
+    finally:
+        volume.close()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=["TERM", "INT", "HUP"])
+def test_stop_signal_unmounts_and_commits(mount_image, signum):
+    mounted = mount_image(commit_interval=3600)
+    write_file(mounted.path("f"), b"written before the signal")
+    os.mkdir(mounted.path("d"))
+    status = mounted.stop(signum)
+    assert status == 0, mounted.output()
+    assert not listed_in_mounts(mounted.mountpoint)
+    assert f"received {signal.Signals(signum).name}: unmounting" in mounted.output()
+    volume = assert_image_clean(mounted.image)
+    try:
+        fs = live(volume)
+        assert fs.read(fs.lookup(256, b"f"), 0, 100) == b"written before the signal"
+        assert fs.get_inode(fs.lookup(256, b"d")).is_dir
+    finally:
+        volume.close()
+
+
+def test_stop_signal_lets_request_finish(mount_image):
+    """A fallocate that the mount is handling when SIGTERM arrives succeeds and is committed."""
+    require_fuse_ops()
+    mounted = mount_image(commit_interval=3600)
+    size = 512 << 20
+    fd = os.open(mounted.path("big"), os.O_CREAT | os.O_RDWR)
+    result = {}
+
+    def allocate():
+        try:
+            fallocate(fd, 0, 0, size)
+            result["errno"] = 0
+        except OSError as exc:
+            result["errno"] = exc.errno
+
+    thread = threading.Thread(target=allocate)
+    thread.start()
+    try:
+        # The image grows while the zero-filled blocks are written.
+        deadline = time.monotonic() + 30
+        while os.path.getsize(mounted.image) < 64 << 20 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert "errno" not in result, "fallocate ended before the signal"
+        status = mounted.stop(signal.SIGTERM)
+    finally:
+        thread.join()
+        try:
+            os.close(fd)
+        except OSError as exc:
+            # The release cannot reach the mount process, which has exited.
+            assert exc.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+    assert result["errno"] == 0
+    assert status == 0, mounted.output()
+    assert not listed_in_mounts(mounted.mountpoint)
+    volume = assert_image_clean(mounted.image)
+    try:
+        fs = live(volume)
+        inode = fs.get_inode(fs.lookup(256, b"big"))
+        assert (inode.size, inode.nbytes) == (size, size)
     finally:
         volume.close()
 
