@@ -17,6 +17,15 @@ Caveats first:
   guarantee that later writes find space.
 - Access times are never updated by reads (as with ``noatime``).
 - POSIX ACLs are not supported: their xattrs fail with EOPNOTSUPP.
+- In a mount of the live filesystem the name ``.snapshots`` in the root
+  always means the virtual snapshots directory, as ``.zfs`` does on ZFS,
+  even when the image has no snapshot.  readdir of the root lists neither
+  it (as ZFS does by default, with snapdir=hidden) nor a real entry of
+  that name, which stays reachable only through the CLI (``cowtree ls
+  IMAGE:/.snapshots``).  Creating the name there fails with EEXIST, and
+  removing it or renaming it away fails with EBUSY (unlink(2) gets EISDIR
+  from the kernel).  A mount of one snapshot (IMAGE@NAME) has no virtual
+  directory, so there the name is an ordinary one.
 - A mutating operation that fails half-way (no space, a corrupt node, a bug)
   cannot be undone on its own.  The mount then aborts the running
   transaction, which returns the image to its last commit, and turns
@@ -83,8 +92,9 @@ import pyfuse3  # noqa: E402 - must follow _load_fuse_ops()
 import trio  # noqa: E402
 
 from . import ondisk
-from .errors import CorruptionError, CowtreeError, CrossDevice, FsError, NoSpaceError, NotADirectory, ReadOnly
-from .fs import FileSystem
+from .errors import (CorruptionError, CowtreeError, CrossDevice, Exists, FsError, NoSpaceError, NotADirectory,
+                     ReadOnly)
+from .fs import RENAME_EXCHANGE, FileSystem
 from .image import open_image
 from .subvolume import find, list_subvolumes
 
@@ -183,6 +193,9 @@ class CowtreeOperations(pyfuse3.Operations):
         self.vol = volume
         self.fs = fs
         self.readonly = fs.readonly
+        # In a mount of the live filesystem, the name .snapshots in the root
+        # always means the virtual directory, with or without snapshots.
+        self.show_snapshots = show_snapshots
         self.snapshots: dict[int, FileSystem] = {}
         self.snapshot_names: dict[bytes, int] = {}
         if show_snapshots:
@@ -222,6 +235,28 @@ class CowtreeOperations(pyfuse3.Operations):
         if fs is self.fs:
             return pyfuse3.ROOT_INODE if ino == ROOT_INO else ino
         return (fs.tree_id << SNAPSHOT_SHIFT) | ino
+
+    def is_snapshots_entry(self, fs: FileSystem, dir_ino: int, name: bytes) -> bool:
+        """Return True for the name .snapshots in the mounted root, where the virtual directory hides any real entry."""
+        return self.show_snapshots and fs is self.fs and dir_ino == ROOT_INO and name == SNAPSHOTS_NAME
+
+    def reject_snapshots_entry(self, fs: FileSystem, dir_ino: int, name: bytes, removing: bool = False) -> None:
+        """Raise for a request that would create (EEXIST) or remove (EBUSY) the name .snapshots in the root.
+
+        The kernel's lookup of that name returns the virtual directory, so
+        the kernel fails most of these requests itself.  This check keeps the requests that
+        still arrive (rmdir, rename) from changing a real entry of that name.
+        EBUSY is the errno that rmdir(2), unlink(2) and rename(2) document
+        for a name the system is using, such as a mount point.  OpenZFS on
+        Linux returns EEXIST for ``.zfs`` in both directions instead
+        (zfs_dirent_lock in module/os/linux/zfs/zfs_dir.c), but for rmdir
+        POSIX gives EEXIST the meaning "directory not empty".
+        """
+        if not self.is_snapshots_entry(fs, dir_ino, name):
+            return
+        if removing:
+            raise pyfuse3.FUSEError(errno.EBUSY)
+        raise Exists("File exists: .snapshots in the root is the snapshots directory")
 
     def writable_fs(self, kernel_ino: int) -> tuple[FileSystem, int]:
         """Resolve a kernel inode that a request is about to change."""
@@ -268,7 +303,7 @@ class CowtreeOperations(pyfuse3.Operations):
         return attr
 
     def attributes_of(self, kernel_ino: int) -> pyfuse3.EntryAttributes:
-        if kernel_ino == SNAPSHOTS_DIR and self.snapshots:
+        if kernel_ino == SNAPSHOTS_DIR and self.show_snapshots:
             return self.snapshots_dir_attributes()
         fs, ino = self.resolve(kernel_ino)
         return self.attributes(fs, ino)
@@ -320,7 +355,7 @@ class CowtreeOperations(pyfuse3.Operations):
 
     @_fuse_operation(mutating=False)
     def lookup(self, parent_inode, name, ctx=None):
-        if parent_inode == SNAPSHOTS_DIR and self.snapshots:
+        if parent_inode == SNAPSHOTS_DIR and self.show_snapshots:
             if name == b".":
                 return self.remember(self.snapshots_dir_attributes())
             if name == b"..":
@@ -330,7 +365,7 @@ class CowtreeOperations(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.ENOENT)
             return self.remember(self.attributes(self.snapshots[tree_id], ROOT_INO))
         fs, dir_ino = self.resolve(parent_inode)
-        if self.snapshots and fs is self.fs and dir_ino == ROOT_INO and name == SNAPSHOTS_NAME:
+        if self.is_snapshots_entry(fs, dir_ino, name):
             return self.remember(self.snapshots_dir_attributes())
         if fs is not self.fs and dir_ino == ROOT_INO and name == b"..":
             return self.remember(self.snapshots_dir_attributes())
@@ -392,6 +427,7 @@ class CowtreeOperations(pyfuse3.Operations):
     @_fuse_operation(mutating=True)
     def mknod(self, parent_inode, name, mode, rdev, ctx):
         fs, dir_ino = self.writable_fs(parent_inode)
+        self.reject_snapshots_entry(fs, dir_ino, name)
         mode, uid, gid = self.owner(fs, dir_ino, mode, ctx)
         inode = fs.mknod(dir_ino, name, mode, uid=uid, gid=gid, rdev=rdev)
         return self.remember(self.attributes(fs, inode.ino, inode))
@@ -399,6 +435,7 @@ class CowtreeOperations(pyfuse3.Operations):
     @_fuse_operation(mutating=True)
     def mkdir(self, parent_inode, name, mode, ctx):
         fs, dir_ino = self.writable_fs(parent_inode)
+        self.reject_snapshots_entry(fs, dir_ino, name)
         mode, uid, gid = self.owner(fs, dir_ino, stat_module.S_IFDIR | mode, ctx)
         inode = fs.mkdir(dir_ino, name, mode, uid=uid, gid=gid)
         return self.remember(self.attributes(fs, inode.ino, inode))
@@ -406,6 +443,7 @@ class CowtreeOperations(pyfuse3.Operations):
     @_fuse_operation(mutating=True)
     def symlink(self, parent_inode, name, target, ctx):
         fs, dir_ino = self.writable_fs(parent_inode)
+        self.reject_snapshots_entry(fs, dir_ino, name)
         _, uid, gid = self.owner(fs, dir_ino, stat_module.S_IFLNK, ctx)
         inode = fs.symlink(dir_ino, name, target, uid=uid, gid=gid)
         return self.remember(self.attributes(fs, inode.ino, inode))
@@ -416,6 +454,7 @@ class CowtreeOperations(pyfuse3.Operations):
         dir_fs, dir_ino = self.writable_fs(new_parent_inode)
         if dir_fs is not fs:
             raise CrossDevice("Invalid cross-device link")
+        self.reject_snapshots_entry(fs, dir_ino, new_name)
         linked = fs.link(ino, dir_ino, new_name)
         return self.remember(self.attributes(fs, ino, linked))
 
@@ -426,11 +465,13 @@ class CowtreeOperations(pyfuse3.Operations):
     @_fuse_operation(mutating=True)
     def unlink(self, parent_inode, name, ctx):
         fs, dir_ino = self.writable_fs(parent_inode)
+        self.reject_snapshots_entry(fs, dir_ino, name, removing=True)
         fs.unlink(dir_ino, name, keep_if_open=self.is_open(fs))
 
     @_fuse_operation(mutating=True)
     def rmdir(self, parent_inode, name, ctx):
         fs, dir_ino = self.writable_fs(parent_inode)
+        self.reject_snapshots_entry(fs, dir_ino, name, removing=True)
         fs.rmdir(dir_ino, name)
 
     @_fuse_operation(mutating=True)
@@ -439,6 +480,9 @@ class CowtreeOperations(pyfuse3.Operations):
         new_fs, new_dir = self.writable_fs(parent_inode_new)
         if new_fs is not fs:
             raise CrossDevice("Invalid cross-device link")
+        self.reject_snapshots_entry(fs, old_dir, name_old, removing=True)
+        # RENAME_EXCHANGE would move the target away, as removing it does.
+        self.reject_snapshots_entry(fs, new_dir, name_new, removing=bool(flags & RENAME_EXCHANGE))
         fs.rename(old_dir, name_old, new_dir, name_new, flags, keep_if_open=self.is_open(fs))
 
     # -- files -----------------------------------------------------------------------
@@ -470,6 +514,7 @@ class CowtreeOperations(pyfuse3.Operations):
     @_fuse_operation(mutating=True)
     def create(self, parent_inode, name, mode, flags, ctx):
         fs, dir_ino = self.writable_fs(parent_inode)
+        self.reject_snapshots_entry(fs, dir_ino, name)
         mode, uid, gid = self.owner(fs, dir_ino, mode, ctx)
         inode = fs.mknod(dir_ino, name, mode, uid=uid, gid=gid)
         info = self.new_handle(fs, inode.ino, flags)
@@ -543,7 +588,7 @@ class CowtreeOperations(pyfuse3.Operations):
 
     @_fuse_operation(mutating=False)
     def opendir(self, inode, ctx):
-        if inode == SNAPSHOTS_DIR and self.snapshots:
+        if inode == SNAPSHOTS_DIR and self.show_snapshots:
             return inode
         fs, ino = self.resolve(inode)
         if not fs.get_inode(ino).is_dir:
@@ -570,6 +615,8 @@ class CowtreeOperations(pyfuse3.Operations):
             if not pyfuse3.readdir_reply(token, b"..", parent, 2):
                 return
         for index, name, ino, _dtype in fs.readdir(dir_ino, after=max(start_id - 2, 0)):
+            if self.is_snapshots_entry(fs, dir_ino, name):
+                continue   # hidden by the virtual directory, which readdir does not list
             try:
                 attr = self.attributes(fs, ino)
             except (CorruptionError, FileNotFoundError) as exc:

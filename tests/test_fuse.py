@@ -808,6 +808,88 @@ def test_snapshot_visible_read_only(shared_mount):
     assert os.stat(os.path.join(snapshots, "before", "..")).st_ino == os.stat(snapshots).st_ino
 
 
+def make_image_with_real_snapshots_entry(image: str, kind: str, snapshot: bool) -> None:
+    """Create an image whose live root has a real entry .snapshots (a directory with a file in it, or a file)."""
+    volume = mkfs(image)
+    fs = live(volume)
+    if kind == "dir":
+        directory = fs.mkdir(256, b".snapshots")
+        inode = fs.mknod(directory.ino, b"real-file", 0o100644)
+    else:
+        inode = fs.mknod(256, b".snapshots", 0o100644)
+    fs.write(inode.ino, 0, b"real content")
+    fs.mkdir(256, b"dir")
+    volume.commit()
+    if snapshot:
+        create_snapshot(volume, b"s1")
+    volume.close()
+
+
+def cli_listing(operand: str) -> list[str]:
+    result = cowtree_cli("ls", operand)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.split()
+
+
+@pytest.mark.parametrize("kind", ["dir", "file"])
+@pytest.mark.parametrize("snapshot", [True, False], ids=["snapshot", "no-snapshot"])
+def test_snapshots_name_always_virtual(mount_image, tmp_path, kind, snapshot):
+    image = str(tmp_path / "fs.img")
+    make_image_with_real_snapshots_entry(image, kind, snapshot)
+    mounted = mount_image(create=False, commit_interval=3600)
+    root = mounted.mountpoint
+    snapshots = mounted.path(".snapshots")
+
+    # The root's listing leaves the name out, and it still means the virtual directory afterwards.
+    assert sorted(os.listdir(root)) == ["dir"]
+    for _ in range(2):
+        assert os.listdir(snapshots) == (["s1"] if snapshot else [])
+        assert os.stat(snapshots).st_ino == 2
+        assert errno_of(read_file, snapshots) == errno.EISDIR
+        os.listdir(root)
+
+    # Creating the name fails with EEXIST, removing or renaming it away with EBUSY.
+    assert errno_of(os.mkdir, snapshots) == errno.EEXIST
+    assert errno_of(os.open, snapshots, os.O_CREAT | os.O_EXCL | os.O_WRONLY) == errno.EEXIST
+    assert errno_of(os.mknod, snapshots) == errno.EEXIST
+    assert errno_of(os.symlink, "dir", snapshots) == errno.EEXIST
+    write_file(mounted.path("file"), b"f")
+    assert errno_of(os.link, mounted.path("file"), snapshots) == errno.EEXIST
+    assert errno_of(renameat2, mounted.path("dir"), snapshots, 0) == errno.EEXIST
+    assert errno_of(renameat2, mounted.path("dir"), snapshots, RENAME_EXCHANGE) == errno.EBUSY
+    assert errno_of(os.rename, mounted.path("file"), snapshots) == errno.EISDIR
+    assert errno_of(os.rename, snapshots, mounted.path("moved")) == errno.EBUSY
+    assert errno_of(os.rmdir, snapshots) == errno.EBUSY
+    assert errno_of(os.unlink, snapshots) == errno.EISDIR
+    if snapshot:
+        with pytest.raises(OSError):
+            shutil.rmtree(snapshots)
+    else:
+        shutil.rmtree(snapshots, ignore_errors=True)
+    assert os.path.isdir(snapshots)
+    assert mounted.unmount() == 0
+
+    # The real entry is untouched and reachable through the CLI.
+    assert_image_clean(image).close()
+    if kind == "dir":
+        assert cli_listing(f"{image}:/.snapshots") == ["real-file"]
+        assert cowtree_cli("cat", f"{image}:/.snapshots/real-file").stdout == "real content"
+    else:
+        assert cowtree_cli("cat", f"{image}:/.snapshots").stdout == "real content"
+    assert sorted(cli_listing(f"{image}:/")) == ["dir", "file"]
+
+
+def test_snapshot_mount_shows_real_snapshots_entry(mount_image, tmp_path):
+    """A mount of one snapshot has no virtual directory, so .snapshots there is an ordinary name."""
+    image = str(tmp_path / "fs.img")
+    make_image_with_real_snapshots_entry(image, "dir", snapshot=True)
+    mounted = mount_image("fs.img@s1", create=False)
+    assert sorted(os.listdir(mounted.mountpoint)) == [".snapshots", "dir"]
+    assert os.listdir(mounted.path(".snapshots")) == ["real-file"]
+    assert read_file(mounted.path(".snapshots", "real-file")) == b"real content"
+    assert errno_of(os.rmdir, mounted.path(".snapshots")) == errno.EROFS
+
+
 # -- real workloads against the same workload on a plain directory -----------------------------
 
 @pytest.fixture(scope="module")
