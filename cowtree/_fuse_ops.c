@@ -14,7 +14,10 @@
  *
  * The trampolines run in the thread that called fuse_session_process_buf()
  * (pyfuse3's main loop), take the GIL, call the Python handler registered
- * with set_handlers() synchronously, and reply before they return.
+ * with set_handlers() synchronously, and reply before they return, unless
+ * the fallocate handler took the reply over with defer_reply().  Then a
+ * Reply object sends it later, so a long fallocate can run in pieces while
+ * pyfuse3 goes on handling other requests.
  *
  * libfuse 3.17 turned fuse_session_new() into a macro over a versioned
  * function, and a pyfuse3 built against those headers references that
@@ -53,6 +56,79 @@ static PyObject *fallocate_handler;
 
 /* Set once the session was created through this module's fuse_session_new(). */
 static int session_interposed;
+
+/* The request whose handler is running and may call defer_reply(), or NULL.
+ * request_deferred is set when the handler did.  Both are used only with
+ * the GIL held. */
+static fuse_req_t deferrable_request;
+static int request_deferred;
+
+/*
+ * A reply that a handler took over with defer_reply().  send() replies to
+ * the request once.  A Reply dropped unsent replies EIO, so that the
+ * caller does not wait until the unmount.  Every Reply must be sent or
+ * dropped before the session is destroyed (pyfuse3.close()), because
+ * libfuse frees the request's session there.
+ */
+typedef struct {
+    PyObject_HEAD
+    fuse_req_t request;     /* NULL once the reply was sent */
+} ReplyObject;
+
+static PyObject *
+reply_send(ReplyObject *self, PyObject *arg)
+{
+    long err = PyLong_AsLong(arg);
+    if (err == -1 && PyErr_Occurred())
+        return NULL;
+    if (err < 0 || err > 4095)
+        return PyErr_Format(PyExc_ValueError, "invalid errno %ld: expected 0 (success) to 4095", err);
+    if (self->request == NULL)
+        return PyErr_Format(PyExc_RuntimeError, "the reply to this request was already sent");
+    fuse_req_t request = self->request;
+    self->request = NULL;
+    fuse_reply_err(request, (int)err);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+reply_sent(ReplyObject *self, void *closure)
+{
+    return PyBool_FromLong(self->request == NULL);
+}
+
+static void
+reply_dealloc(ReplyObject *self)
+{
+    if (self->request != NULL) {
+        PySys_WriteStderr("cowtree._fuse_ops: a deferred reply was dropped without being sent; replied EIO\n");
+        fuse_reply_err(self->request, EIO);
+    }
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef reply_methods[] = {
+    {"send", (PyCFunction)reply_send, METH_O,
+     "send(err)\n--\n\n"
+     "Reply to the request: 0 for success, or an errno.  A second call raises RuntimeError."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef reply_getset[] = {
+    {"sent", (getter)reply_sent, NULL, "True once the reply was sent.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject ReplyType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "cowtree._fuse_ops.Reply",
+    .tp_doc = "The reply to one request, taken over with defer_reply(); only defer_reply() creates one.",
+    .tp_basicsize = sizeof(ReplyObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_dealloc = (destructor)reply_dealloc,
+    .tp_methods = reply_methods,
+    .tp_getset = reply_getset,
+};
 
 /* The libfuse soname whose fuse_session_new() this module calls. */
 #define LIBFUSE_SONAME "libfuse3.so.3"
@@ -137,10 +213,12 @@ errno_of_exception(void)
  * also means for fallocate.  A negative int is a negated errno.  An
  * exception with an errno attribute replies that errno.  Any other
  * exception, or a result of another type, replies EIO and is logged.
- * Steals the reference to args.
+ * With deferrable set, the handler may call defer_reply(); then it owns
+ * the reply, and its result is ignored.  Steals the reference to args.
  */
 static void
-call_and_reply(fuse_req_t req, PyObject *handler, PyObject *args, const char *operation, int reply_offset)
+call_and_reply(fuse_req_t req, PyObject *handler, PyObject *args, const char *operation, int reply_offset,
+               int deferrable)
 {
     if (handler == NULL) {
         /* ENOSYS makes the kernel stop asking and use its own behaviour. */
@@ -154,10 +232,22 @@ call_and_reply(fuse_req_t req, PyObject *handler, PyObject *args, const char *op
         return;
     }
     Py_INCREF(handler);
+    deferrable_request = deferrable ? req : NULL;
+    request_deferred = 0;
     PyObject *result = PyObject_CallObject(handler, args);
+    int deferred = request_deferred;
+    deferrable_request = NULL;
+    request_deferred = 0;
     Py_DECREF(handler);
     Py_DECREF(args);
 
+    if (deferred) {
+        /* The Reply object that defer_reply() returned replies, or replies EIO when it is dropped. */
+        if (result == NULL)
+            log_exception(operation);
+        Py_XDECREF(result);
+        return;
+    }
     if (result == NULL) {
         int err = errno_of_exception();
         if (!err) {
@@ -203,7 +293,7 @@ lseek_trampoline(fuse_req_t req, fuse_ino_t ino, off_t off, int whence, struct f
     PyGILState_STATE gil = PyGILState_Ensure();
     PyObject *args = Py_BuildValue("(KKLi)", (unsigned long long)ino, (unsigned long long)(fi ? fi->fh : 0),
                                    (long long)off, whence);
-    call_and_reply(req, lseek_handler, args, "lseek", 1);
+    call_and_reply(req, lseek_handler, args, "lseek", 1, 0);
     PyGILState_Release(gil);
 }
 
@@ -214,7 +304,7 @@ fallocate_trampoline(fuse_req_t req, fuse_ino_t ino, int mode, off_t offset, off
     PyGILState_STATE gil = PyGILState_Ensure();
     PyObject *args = Py_BuildValue("(KKiLL)", (unsigned long long)ino, (unsigned long long)(fi ? fi->fh : 0),
                                    mode, (long long)offset, (long long)length);
-    call_and_reply(req, fallocate_handler, args, "fallocate", 0);
+    call_and_reply(req, fallocate_handler, args, "fallocate", 0, 1);
     PyGILState_Release(gil);
 }
 
@@ -294,6 +384,21 @@ set_handlers(PyObject *module, PyObject *args)
 }
 
 static PyObject *
+defer_reply(PyObject *module, PyObject *unused)
+{
+    if (deferrable_request == NULL)
+        return PyErr_Format(PyExc_RuntimeError,
+                            "defer_reply() must be called from a fallocate handler, at most once per request");
+    ReplyObject *reply = PyObject_New(ReplyObject, &ReplyType);
+    if (reply == NULL)
+        return NULL;
+    reply->request = deferrable_request;
+    deferrable_request = NULL;
+    request_deferred = 1;
+    return (PyObject *)reply;
+}
+
+static PyObject *
 interposed(PyObject *module, PyObject *unused)
 {
     return PyBool_FromLong(session_interposed);
@@ -305,8 +410,14 @@ static PyMethodDef methods[] = {
      "Set the handlers the session's lseek and fallocate requests call, each a callable or None.\n\n"
      "lseek(ino, fh, off, whence) returns the new offset; fallocate(ino, fh, mode, offset, length)\n"
      "returns None.  Either may raise an exception with an errno attribute or return a negated\n"
-     "errno; any other exception replies EIO and is logged.  Without a handler the request\n"
-     "replies ENOSYS, and the kernel falls back to its generic behaviour for good."},
+     "errno; any other exception replies EIO and is logged.  The fallocate handler may instead\n"
+     "call defer_reply() and reply later.  Without a handler the request replies ENOSYS, and\n"
+     "the kernel falls back to its generic behaviour for good."},
+    {"defer_reply", defer_reply, METH_NOARGS,
+     "defer_reply()\n--\n\n"
+     "Take over the reply to the fallocate request whose handler is running, and return a Reply.\n\n"
+     "The request then gets no reply when the handler returns; Reply.send(err) sends it later.\n"
+     "Raises RuntimeError outside a fallocate handler or on a second call for one request."},
     {"interposed", interposed, METH_NOARGS,
      "interposed()\n--\n\n"
      "Return True once a FUSE session was created through this module's fuse_session_new(),\n"
@@ -325,10 +436,13 @@ static struct PyModuleDef module_definition = {
 PyMODINIT_FUNC
 PyInit__fuse_ops(void)
 {
+    if (PyType_Ready(&ReplyType) < 0)
+        return NULL;
     PyObject *module = PyModule_Create(&module_definition);
     if (module == NULL)
         return NULL;
-    if (PyModule_AddIntConstant(module, "LIBFUSE_VERSION", FUSE_VERSION) < 0 ||
+    if (PyModule_AddObjectRef(module, "Reply", (PyObject *)&ReplyType) < 0 ||
+        PyModule_AddIntConstant(module, "LIBFUSE_VERSION", FUSE_VERSION) < 0 ||
         PyModule_AddObjectRef(module, "INTERPOSITION_BUILT", COWTREE_INTERPOSE ? Py_True : Py_False) < 0 ||
         PyModule_AddStringConstant(module, "NO_INTERPOSITION_REASON", COWTREE_NO_INTERPOSE_REASON) < 0) {
         Py_DECREF(module);

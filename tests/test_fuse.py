@@ -667,6 +667,16 @@ BROKEN_HANDLERS_SCRIPT = textwrap.dedent("""
     def fallocate(ino, fh, mode, offset, length):
         if mode == 0:
             raise OSError(errno.EDQUOT, "quota")
+        if mode == 0x10:   # FALLOC_FL_ZERO_RANGE: reply through a Reply, which a second deferral leaves alone
+            reply = fuse._fuse_ops.defer_reply()
+            try:
+                fuse._fuse_ops.defer_reply()
+            except RuntimeError:
+                reply.send(errno.ENOLINK)
+            return "ignored once deferred"
+        if mode == 0x11:   # FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE: a Reply dropped unsent
+            fuse._fuse_ops.defer_reply()
+            return None
         raise RuntimeError("handler bug")
 
     fuse._fuse_ops.set_handlers(lseek, fallocate)
@@ -688,6 +698,8 @@ def test_fuse_ops_handler_results(mount_image):
         assert errno_of(os.lseek, fd, 4, os.SEEK_DATA) == errno.EIO
         assert errno_of(fallocate, fd, 0, 0, 4096) == errno.EDQUOT
         assert errno_of(fallocate, fd, FALLOC_FL_KEEP_SIZE, 0, 4096) == errno.EIO
+        assert errno_of(fallocate, fd, FALLOC_FL_ZERO_RANGE, 0, 4096) == errno.ENOLINK
+        assert errno_of(fallocate, fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, 0, 4096) == errno.EIO
     finally:
         os.close(fd)
     assert mounted.unmount() == 0
@@ -698,6 +710,7 @@ def test_fuse_ops_handler_results(mount_image):
     assert "lseek handler returned None, expected an int\n" in log
     assert "fallocate handler raised an unexpected exception; replied EIO" in log
     assert "RuntimeError: handler bug" in log
+    assert "a deferred reply was dropped without being sent; replied EIO" in log
     assert "quota" not in log
 
 
