@@ -19,6 +19,7 @@ import dataclasses
 import os
 import stat as stat_module
 import time
+from collections.abc import Generator, Iterator
 
 from . import ondisk
 from .checksum import crc32c
@@ -975,6 +976,18 @@ class FileSystem:
         without KEEP_SIZE or with ZERO_RANGE.  COLLAPSE_RANGE, INSERT_RANGE,
         UNSHARE_RANGE and unknown bits raise NotSupported too.
         """
+        for _ in self.fallocate_steps(ino, mode, offset, length):
+            pass
+
+    def fallocate_steps(self, ino: int, mode: int, offset: int, length: int) -> Iterator[None]:
+        """Do what fallocate() does, yielding between two pieces of zero-filled blocks (ZERO_CHUNK bytes each).
+
+        Every check, the space check included, runs before the first
+        change.  Between two yields the inode item in the tree is stale,
+        because the size, nbytes and flags are written at the end.  Until
+        the generator is exhausted, the caller must therefore let nothing
+        else change the file and must not commit.
+        """
         self._check_fallocate_mode(mode)
         if offset < 0 or length <= 0:
             raise InvalidArgument(f"Invalid argument: offset {offset}, length {length}")
@@ -1012,7 +1025,7 @@ class FileSystem:
                     self._uninline(inode)
                 if zero:
                     self._zero_range(inode, offset, end)
-                allocated = self._allocate_holes(inode, first_block, round_up(end))
+                allocated = yield from self._allocate_holes(inode, first_block, round_up(end))
                 if keep_size and allocated and round_up(end) > round_up(inode.size):
                     inode.flags |= ondisk.INODE_PREALLOC
         now = time.time_ns()
@@ -1072,13 +1085,18 @@ class FileSystem:
             raise NoSpaceError(f"No space left on device: fallocate needs about {needed} bytes, "
                                f"{max(free, 0)} are free in {self.label}")
 
-    def _allocate_holes(self, inode: Inode, start: int, stop: int) -> int:
-        """Write zero-filled blocks into every hole of the block-aligned range [start, stop); return the bytes."""
+    def _allocate_holes(self, inode: Inode, start: int, stop: int) -> Generator[None, None, int]:
+        """Write zero-filled blocks into every hole of the block-aligned range [start, stop); return the bytes.
+
+        A generator: it yields between two pieces of at most ZERO_CHUNK bytes.
+        """
         zeros = memoryview(bytes(min(ZERO_CHUNK, stop - start)))
         allocated = 0
         for lo, hi in list(self._holes(inode.ino, start, stop)):
             position = lo
             while position < hi:
+                if allocated:
+                    yield
                 length = min(ZERO_CHUNK, hi - position)
                 pieces = self.vol.write_data(zeros[:length], self.tree_id)
                 self._put_extents(inode, position, pieces)

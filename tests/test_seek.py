@@ -282,6 +282,37 @@ def test_fallocate_writes_bounded_chunks(make_image, monkeypatch):
     assert_clean(volume)
 
 
+def test_fallocate_steps_yield_between_pieces(make_image):
+    _, volume, fs = make_image(nodesize=16384)
+    ino = new_file(fs)
+    fs.write(ino, ZERO_CHUNK, b"d" * BLOCK)
+    steps = fs.fallocate_steps(ino, 0, 0, 5 * ZERO_CHUNK)
+    allocated = []
+    for _ in steps:
+        # The new blocks are in the tree, but the inode item is written only at the end.
+        allocated.append(sum(e.num_bytes for e in fs.extents(ino)) - BLOCK)
+        assert fs.get_inode(ino).size == ZERO_CHUNK + BLOCK
+    # The holes before and after the data block make five pieces: the first hole
+    # whole, then three of ZERO_CHUNK and the rest.  Each yield comes between two.
+    assert allocated == [ZERO_CHUNK, 2 * ZERO_CHUNK, 3 * ZERO_CHUNK, 4 * ZERO_CHUNK]
+    inode = fs.get_inode(ino)
+    assert (inode.size, inode.nbytes) == (5 * ZERO_CHUNK, 5 * ZERO_CHUNK)
+    assert fs.read(ino, ZERO_CHUNK, BLOCK) == b"d" * BLOCK
+    volume.commit()
+    assert_clean(volume)
+
+
+def test_fallocate_steps_check_before_first_yield(make_image):
+    _, volume, fs = make_image(size_limit=8 * MIB)
+    ino = new_file(fs)
+    volume.commit()
+    steps = fs.fallocate_steps(ino, 0, 0, 16 * MIB)
+    with pytest.raises(NoSpaceError):
+        next(steps)
+    assert not volume.has_changes()
+    assert list(fs.fallocate_steps(ino, 0, 0, ZERO_CHUNK)) == []
+
+
 def test_fallocate_reduces_free_space(make_image):
     _, volume, fs = make_image(size_limit=64 * MIB)
     ino = new_file(fs)
