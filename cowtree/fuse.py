@@ -7,11 +7,18 @@ Caveats first:
   fuse_session_new(), which pyfuse3's call binds to because this module
   loads the extension into the global symbol scope before importing
   pyfuse3.  The ``lseek`` and ``fallocate`` methods below run synchronously
-  from C, inside pyfuse3's request processing.  Without the extension (no C
+  from C, inside pyfuse3's request processing, but a long fallocate
+  replies later (see the next item).  Without the extension (no C
   compiler or libfuse 3 headers at install time, or libfuse 3.17 headers,
   where fuse_session_new is a macro), the mount logs a warning and the
   kernel's generic behaviour applies: SEEK_DATA and SEEK_HOLE treat the
   whole file as data, and fallocate(2) fails with EOPNOTSUPP.
+- A fallocate that fills more than ZERO_CHUNK bytes (4 MiB) of holes with
+  zero-filled blocks writes them in pieces of that size, and other requests
+  are handled between two pieces.  Until it ends, requests that change the
+  filesystem, and commits, wait for it.  The kernel holds a directory's
+  lock while such a request (a create, unlink or rename) waits, so lookups
+  in that directory wait as well.
 - Blocks that fallocate allocates are data to SEEK_DATA, and a later write
   to them allocates new blocks (copy-on-write), so fallocate does not
   guarantee that later writes find space.
@@ -159,13 +166,16 @@ def _run_request(self, body, args, mutating: bool):
         raise pyfuse3.FUSEError(self.errno_of(body.__name__, args, exc, changed)) from None
 
 
-def _fuse_operation(mutating: bool, sync: bool = False):
+def _fuse_operation(mutating: bool, sync: bool = False, waits=None):
     """Wrap a synchronous handler body as a pyfuse3 handler with one errno mapping.
 
     The body never awaits, so each request runs to completion before the
     next one starts, and two requests never change the transaction at once.
-    With sync, the handler stays a plain function, for the lseek and
-    fallocate requests that cowtree._fuse_ops calls from C.
+    The one exception is a long fallocate, which runs in pieces (see
+    CowtreeOperations.fallocate).  While it runs, a mutating request waits
+    for it before its body starts (with waits given, only a request for
+    which waits(args) is true).  With sync, the handler stays a plain
+    function, for the lseek requests that cowtree._fuse_ops calls from C.
     """
     def wrap(body):
         if sync:
@@ -176,9 +186,16 @@ def _fuse_operation(mutating: bool, sync: bool = False):
 
         @functools.wraps(body)
         async def handler(self, *args):
+            if self.long_request is not None and (waits(args) if waits else mutating):
+                await self.wait_for_long_request()
             return _run_request(self, body, args, mutating)
         return handler
     return wrap
+
+
+def _truncates(args) -> bool:
+    """Return True for the arguments (inode, flags, ctx) of an open that truncates, the only open that changes data."""
+    return bool(args[1] & os.O_TRUNC)
 
 
 class CowtreeOperations(pyfuse3.Operations):
@@ -211,6 +228,9 @@ class CowtreeOperations(pyfuse3.Operations):
         self.open_counts: dict[tuple[int, int], int] = {}
         self.handles: dict[int, OpenFile] = {}
         self.next_fh = 1
+        # Set while a fallocate runs in pieces; Mount sets the nursery those pieces run in.
+        self.long_request: trio.Event | None = None
+        self.nursery: trio.Nursery | None = None
 
     # -- inode numbers -----------------------------------------------------------
 
@@ -497,7 +517,7 @@ class CowtreeOperations(pyfuse3.Operations):
         # write goes through this mount.
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
-    @_fuse_operation(mutating=True)
+    @_fuse_operation(mutating=True, waits=_truncates)
     def open(self, inode, flags, ctx):
         if inode == SNAPSHOTS_DIR:
             raise pyfuse3.FUSEError(errno.EISDIR)
@@ -578,11 +598,86 @@ class CowtreeOperations(pyfuse3.Operations):
             return handle.fs.seek_hole(handle.ino, off)
         raise pyfuse3.FUSEError(errno.EINVAL)
 
-    @_fuse_operation(mutating=True, sync=True)
     def fallocate(self, inode, fh, mode, offset, length):
+        """Handle a fallocate request, which cowtree._fuse_ops passes in synchronously from C.
+
+        The checks and the first piece of zero-filled blocks (ZERO_CHUNK
+        bytes) run at once.  A request with more pieces takes over its reply
+        with defer_reply() and goes on in a task, and other requests run
+        between two pieces.  Requests that change the filesystem, and
+        commits, wait until it ends, because the inode item and the running
+        transaction are not consistent before then.
+        """
+        args = (inode, fh, mode, offset, length)
+        steps = None
+        if self.long_request is None:
+            steps = _run_request(self, CowtreeOperations.fallocate_start, args, mutating=True)
+            if steps is None:
+                return None
+        if self.nursery is None or not hasattr(_fuse_ops, "defer_reply"):
+            # Without a trio loop, or with an extension built before defer_reply
+            # existed, the pieces run here, and no long request can be running.
+            while self.advance_fallocate(steps, args):
+                pass
+            return None
+        reply = _fuse_ops.defer_reply()
+        if steps is not None:
+            self.long_request = trio.Event()
+        self.nursery.start_soon(self.finish_fallocate, reply, steps, args)
+        return None
+
+    def fallocate_start(self, inode, fh, mode, offset, length):
+        """Run the checks and the first piece of a fallocate; return the steps left, or None when it is done."""
         # The kernel returns EBADF itself for a handle opened without write access.
         handle = self.handle_of(fh)
-        handle.fs.fallocate(handle.ino, mode, offset, length)
+        steps = handle.fs.fallocate_steps(handle.ino, mode, offset, length)
+        for _ in steps:
+            return steps
+        return None
+
+    def advance_fallocate(self, steps, args) -> bool:
+        """Write the next piece of a fallocate; return False once it is done.  Errors raise pyfuse3.FUSEError."""
+        try:
+            next(steps)
+        except StopIteration:
+            return False
+        except Exception as exc:
+            # The earlier pieces changed the running transaction, so as for
+            # any request that fails half-way, errno_of aborts it.
+            raise pyfuse3.FUSEError(self.errno_of("fallocate", args, exc, True)) from None
+        return True
+
+    async def finish_fallocate(self, reply, steps, args) -> None:
+        """Run the rest of a fallocate, letting other requests run between two pieces, then send its reply."""
+        err = errno.EIO
+        try:
+            if steps is None:
+                # Another fallocate was running in pieces when this one arrived.
+                await self.wait_for_long_request()
+                steps = _run_request(self, CowtreeOperations.fallocate_start, args, mutating=True)
+                if steps is not None:
+                    self.long_request = trio.Event()
+            if steps is not None:
+                # Shielded, because a fallocate stopped half-way would leave a
+                # stale inode item that the next commit would write.
+                with trio.CancelScope(shield=True):
+                    try:
+                        await trio.sleep(0)
+                        while self.advance_fallocate(steps, args):
+                            await trio.sleep(0)
+                    finally:
+                        event, self.long_request = self.long_request, None
+                        event.set()
+            err = 0
+        except pyfuse3.FUSEError as exc:
+            err = exc.errno
+        finally:
+            reply.send(err)
+
+    async def wait_for_long_request(self) -> None:
+        """Wait until no fallocate runs in pieces."""
+        while self.long_request is not None:
+            await self.long_request.wait()
 
     # -- directories -----------------------------------------------------------------
 
@@ -865,15 +960,23 @@ class Mount:
 
     async def _main(self) -> None:
         with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._commit_periodically)
-                nursery.start_soon(self._stop_on_signal, signals)
-                await pyfuse3.main()
-                nursery.cancel_scope.cancel()
+            # Long fallocate requests finish in this nursery, which outlives
+            # pyfuse3.main(), so they reply before the final commit.
+            try:
+                async with trio.open_nursery() as requests:
+                    self.ops.nursery = requests
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._commit_periodically)
+                        nursery.start_soon(self._stop_on_signal, signals)
+                        await pyfuse3.main()
+                        nursery.cancel_scope.cancel()
+            finally:
+                self.ops.nursery = None
 
     async def _commit_periodically(self) -> None:
         while True:
             await trio.sleep(self.options.commit_interval)
+            await self.ops.wait_for_long_request()
             try:
                 self.ops.commit()
             except Exception as exc:

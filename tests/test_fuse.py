@@ -744,6 +744,67 @@ def test_fallocate_enospc_keeps_mount_writable(mount_image, tmp_path):
         volume.close()
 
 
+def test_long_fallocate_lets_requests_run(mount_image):
+    """While a fallocate runs in pieces, lookups and reads are answered; changes wait, and all of it is kept."""
+    require_fuse_ops()
+    mounted = mount_image(commit_interval=0.2)
+    # The waiting create holds the kernel's lock on its directory, which
+    # lookups there need too, so the lookups go to another directory.
+    os.mkdir(mounted.path("quiet"))
+    os.mkdir(mounted.path("busy"))
+    write_file(mounted.path("quiet", "other"), b"other file")
+    size = 1 << 30
+    fds = [os.open(mounted.path(name), os.O_CREAT | os.O_RDWR) for name in ("big", "second")]
+    finished = {}
+
+    def allocate(fd, length):
+        try:
+            fallocate(fd, 0, 0, length)
+            finished[fd] = (0, time.monotonic())
+        except OSError as exc:
+            finished[fd] = (exc.errno, time.monotonic())
+
+    threads = [threading.Thread(target=allocate, args=(fds[0], size))]
+    threads[0].start()
+    answered = []
+    try:
+        # The image grows while the zero-filled blocks are written.
+        deadline = time.monotonic() + 30
+        while os.path.getsize(mounted.image) < 32 << 20 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        # A second long fallocate and a write to another file wait for the first one.
+        threads.append(threading.Thread(target=allocate, args=(fds[1], 64 << 20)))
+        threads.append(threading.Thread(target=write_file, args=(mounted.path("busy", "written"), b"w" * 10000)))
+        for thread in threads[1:]:
+            thread.start()
+        while fds[0] not in finished:
+            start = time.monotonic()
+            assert errno_of(os.stat, mounted.path("quiet", f"missing-{len(answered)}")) == errno.ENOENT
+            assert read_file(mounted.path("quiet", "other")) == b"other file"
+            answered.append((start, time.monotonic() - start))
+    finally:
+        for thread in threads:
+            thread.join()
+        for fd in fds:
+            os.close(fd)
+    status, end = finished[fds[0]]
+    assert status == 0
+    assert finished[fds[1]][0] == 0
+    during = [latency for start, latency in answered if start + latency < end]
+    assert len(during) >= 3, answered
+    assert max(during) < 1.0, answered
+    assert mounted.unmount() == 0
+    volume = assert_image_clean(mounted.image)
+    try:
+        fs = live(volume)
+        for name, length in ((b"big", size), (b"second", 64 << 20)):
+            inode = fs.get_inode(fs.lookup(256, name))
+            assert (inode.size, inode.nbytes) == (length, length)
+        assert fs.read(fs.resolve(b"/busy/written"), 0, 20000) == b"w" * 10000
+    finally:
+        volume.close()
+
+
 def test_sparse_file_st_blocks(workdir):
     path = os.path.join(workdir, "sparse")
     with open(path, "wb") as f:
