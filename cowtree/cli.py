@@ -303,6 +303,7 @@ def mount(image: str, mountpoint: str, options: tuple, foreground: bool, commit_
     Without --foreground the command returns once the mount works, and a
     background process serves it until `cowtree umount MOUNTPOINT`.  Changes
     are committed every --commit-interval seconds, on fsync and at unmount.
+    SIGINT, SIGTERM and SIGHUP to the serving process unmount the same way.
     Snapshots appear read-only under MOUNTPOINT/.snapshots/NAME.
     """
     readonly = False
