@@ -329,6 +329,8 @@ def send_command(parent: str | None, output: str | None, source: str) -> None:
                                       for layer in volume.layers):
             raise CommandError(None, output, message=f"send: '{output}' is {location.image} or one of its base "
                                                      f"images; not overwriting it with a stream")
+        # Only a file that this send creates is removed again when it fails.
+        created = output is not None and not os.path.lexists(output)
         try:
             out = open(output, "wb") if output is not None else _out()
         except OSError as exc:
@@ -344,7 +346,8 @@ def send_command(parent: str | None, output: str | None, source: str) -> None:
         except (OSError, CowtreeError) as exc:
             if output is not None:
                 out.close()
-                os.unlink(output)
+                if created:
+                    os.unlink(output)
             raise CommandError(None, source, exc, message=f"send: {source}") from exc
         finally:
             if output is not None and not out.closed:

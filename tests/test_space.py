@@ -229,3 +229,33 @@ def test_writable_open_gives_back_blocks_past_the_end(make_image, reopen):
     assert os.path.getsize(path) == end
     assert fs.read(ino, 0, 4096) == b"kept" * 1024
     assert_clean(volume)
+
+
+def test_setattr_and_truncate_check_space_first(make_image, reopen):
+    """chmod, a cut inside a block and a grow on a full image fail before they change anything."""
+    path, volume, fs = make_image(nodesize=4096, size_limit=16 << 20)
+    inos = []
+    with pytest.raises(NoSpaceError):
+        for index in range(1 << 20):
+            ino = fs.mknod(ROOT, b"f%06d" % index, 0o100644).ino
+            fs.write(ino, 0, piece_at(index, 8192))
+            inos.append(ino)
+    volume.commit()
+    calls = [lambda ino: fs.setattr(ino, mode=0o100600), lambda ino: fs.truncate(ino, 3000),
+             lambda ino: fs.truncate(ino, 5000)]
+    for call in calls:
+        failed = False
+        for ino in inos:
+            before = volume.changes
+            try:
+                call(ino)
+            except NoSpaceError:
+                assert volume.changes == before, "the call that found no space changed the transaction"
+                failed = True
+                break
+        assert failed, "the image should run out of space"
+        volume.commit()
+    fs.truncate(inos[0], 0)
+    volume.commit()
+    volume, fs = reopen(volume)
+    assert_clean(volume)
