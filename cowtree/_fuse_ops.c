@@ -6,10 +6,10 @@
  * fuse_lowlevel_ops that it passes to fuse_session_new(), so the kernel
  * applies its generic rule to SEEK_DATA and SEEK_HOLE, and fallocate(2)
  * fails with EOPNOTSUPP.  This module defines fuse_session_new() itself.
- * Once cowtree/fuse.py has loaded it into the global symbol scope (before
- * pyfuse3 is imported), the dynamic linker binds pyfuse3's reference to
- * this definition, which copies the caller's operations, sets `lseek` and
- * `fallocate` to the trampolines below, and calls libfuse's own
+ * cowtree/fuse.py loads it into the global symbol scope before it imports
+ * pyfuse3, so the dynamic linker binds pyfuse3's reference to this
+ * definition.  The definition copies the caller's operations, sets `lseek`
+ * and `fallocate` to the trampolines below, and calls libfuse's own
  * fuse_session_new().  libfuse copies the struct, so a stack copy is enough.
  *
  * The trampolines run in the thread that called fuse_session_process_buf()

@@ -1034,6 +1034,7 @@ class FileSystem:
                 allocated = yield from self._allocate_holes(inode, first_block, round_up(end))
                 if keep_size and allocated and round_up(end) > round_up(inode.size):
                     inode.flags |= ondisk.INODE_PREALLOC
+                    self.vol.use_features(ro_compat=ondisk.RO_COMPAT_PREALLOC)
         now = time.time_ns()
         if not keep_size and end > inode.size:
             inode.size = end
@@ -1173,6 +1174,8 @@ class FileSystem:
         dst.size = src.size
         # The source's blocks past its size, if any, came along.
         dst.flags = (dst.flags & ~ondisk.INODE_PREALLOC) | (src.flags & ondisk.INODE_PREALLOC)
+        if dst.flags & ondisk.INODE_PREALLOC:
+            self.vol.use_features(ro_compat=ondisk.RO_COMPAT_PREALLOC)
         dst.mtime_ns = dst.ctime_ns = time.time_ns()
         self.put_inode(dst)
 

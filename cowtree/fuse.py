@@ -16,7 +16,7 @@ Caveats first:
 - A fallocate that fills more than ZERO_CHUNK bytes (4 MiB) of holes with
   zero-filled blocks writes them in pieces of that size, and other requests
   are handled between two pieces.  Until it ends, requests that change the
-  filesystem, and commits, wait for it.  The kernel holds a directory's
+  filesystem, and commits, wait for it.  The kernel keeps a directory's
   lock while such a request (a create, unlink or rename) waits, so lookups
   in that directory wait as well.
 - Blocks that fallocate allocates are data to SEEK_DATA, and a later write

@@ -39,8 +39,11 @@ NODE_MAGIC = 0x444E5443      # "CTND" read as little-endian bytes
 INCOMPAT_LAYERS = 1 << 0     # block pointers may name a base image (layer > 0)
 INCOMPAT_KNOWN = INCOMPAT_LAYERS
 # Read-only-compatible flags: unknown bits allow opening read-only.
-RO_COMPAT_KNOWN = 0
+RO_COMPAT_PREALLOC = 1 << 0  # inodes may have INODE_PREALLOC: file extents past the size
+RO_COMPAT_KNOWN = RO_COMPAT_PREALLOC
 # Compatible flags: unknown bits are ignored.
+COMPAT_SUBVOL_UUID = 1 << 0  # the root tree may contain SUBVOL_UUID items
+COMPAT_KNOWN = COMPAT_SUBVOL_UUID
 
 # Tree ids (the ``owner`` of a node).  Subvolume trees take ids from 256 on.
 ROOT_TREE_ID = 1
@@ -216,17 +219,17 @@ ROOT_DELETING = 2
 
 # ROOT_NAME, key (tree id, ROOT_NAME, 0): the subvolume's name as raw bytes.
 
-# SUBVOL_UUID, key (tree id, SUBVOL_UUID, 0): who a subvolume is, for send
-# and receive.  Optional: a subvolume made before the item existed has none,
+# SUBVOL_UUID, key (tree id, SUBVOL_UUID, 0): the identity of a subvolume,
+# for send and receive.  Optional: a subvolume made before the item existed has none,
 # and its UUID is derived from the image UUID and its ROOT_ITEM instead
 # (cowtree.subvolume.derived_uuid).  ``received_uuid`` is all zeros unless
 # ``cowtree receive`` made the subvolume.  Then it is the UUID of the sent
 # snapshot, ``sent_gen`` that snapshot's generation in the sending image,
 # and ``received_gen`` the transaction that received it here.
 #
-# Invariants: ``uuid`` is not all zeros and no other subvolume of the image
-# has it; a subvolume with a non-zero ``received_uuid`` is read-only and no
-# other subvolume has the same one; ``sent_gen`` and ``received_gen`` are 0
+# Invariants: ``uuid`` is not all zeros, and no other subvolume of the image
+# has it.  A subvolume with a non-zero ``received_uuid`` is read-only, and no
+# other subvolume has the same one.  ``sent_gen`` and ``received_gen`` are 0
 # when ``received_uuid`` is zero.
 SUBVOL_UUID_S = Struct(
     "uuid" / Bytes(16),

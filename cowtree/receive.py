@@ -11,9 +11,9 @@ the END record has been read and checked, and drops the transaction on any
 error.  So a truncated, damaged or out-of-order stream, a missing parent,
 an existing name or a full image leaves the image at its last commit.
 
-The records keep the image consistent on their own terms: a LINK or an
-UNLINK updates the entry's three items, the directory's size and link
-count and the inode's link count; a DELETE needs an inode without names.
+Each record keeps the image consistent by itself.  A LINK or an UNLINK
+updates the entry's three items, the directory's size and link count, and
+the inode's link count.  A DELETE needs an inode without names.
 What a stream cannot leave behind is checked at the END record: an inode
 without a name, an inode created without its ATTR record, and a directory
 cut off from the root by a cycle.  ATTR records also carry the sender's

@@ -340,8 +340,9 @@ class _Sender:
                 self.writer.record(RECORD_HOLE, HOLE_CODEC.pack(ino, start, end - start))
         for extent in new_extents:
             mapping = _mapping(extent)
-            kept = [(old.offset, old.end) for old in old_extents if mapping is not None and _mapping(old) == mapping]
-            for start, end in _subtract([(extent.offset, extent.end)], kept):
+            unchanged = [(old.offset, old.end) for old in old_extents
+                         if mapping is not None and _mapping(old) == mapping]
+            for start, end in _subtract([(extent.offset, extent.end)], unchanged):
                 self._write_extent(inode, extent, start, end)
 
     def _write_extent(self, inode: Inode, extent: FileExtent, start: int, end: int) -> None:

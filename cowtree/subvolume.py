@@ -235,6 +235,7 @@ def add_snapshot(volume, src_sub: Subvolume, name: bytes, flags: int, identity: 
     src.changed = True
     volume.root_tree.put((tree_id, ROOT_NAME, 0), name)
     volume.root_tree.put((tree_id, SUBVOL_UUID, 0), identity.encode())
+    volume.use_features(compat=ondisk.COMPAT_SUBVOL_UUID)
     return tree_id
 
 
@@ -248,6 +249,7 @@ def add_empty_subvolume(volume, name: bytes, flags: int, identity: Identity) -> 
     volume.create_tree(tree_id, item)
     volume.root_tree.put((tree_id, ROOT_NAME, 0), name)
     volume.root_tree.put((tree_id, SUBVOL_UUID, 0), identity.encode())
+    volume.use_features(compat=ondisk.COMPAT_SUBVOL_UUID)
     return tree_id
 
 

@@ -215,6 +215,9 @@ class Volume:
         self.new_item_bytes = 0         # bytes of the EXTENT_ITEMs the commit will insert for them
         self.old_refs = 0               # committed extents whose EXTENT_ITEM the commit will change
         self.committing = False
+        # Feature bits that the running transaction starts to use.  The commit adds them to the superblock.
+        self.new_compat = 0
+        self.new_ro_compat = 0
         self.fresh: set[int] = set()               # addresses allocated in this transaction
         self.pinned: list[tuple[int, int]] = []
         self.bytes_used = sb.bytes_used
@@ -408,6 +411,11 @@ class Volume:
         for addr in skipped:
             cache.move_to_end(addr)
         cache.move_to_end(keep)
+
+    def use_features(self, compat: int = 0, ro_compat: int = 0) -> None:
+        """Record that the running transaction writes structures behind these feature bits."""
+        self.new_compat |= compat & ~self.sb.compat_flags
+        self.new_ro_compat |= ro_compat & ~self.sb.ro_compat_flags
 
     def check_writable(self) -> None:
         if not self.writable:
@@ -744,6 +752,8 @@ class Volume:
         # Write the superblock copy of this generation, then flush.
         sb = dataclasses.replace(
             self.sb, generation=transid, bytes_used=self.bytes_used, image_bytes=self.free.high_water,
+            compat_flags=self.sb.compat_flags | self.new_compat,
+            ro_compat_flags=self.sb.ro_compat_flags | self.new_ro_compat,
             root_tree_addr=self.root_tree.root_ptr[0], root_tree_gen=self.root_tree.root_ptr[1],
             root_tree_level=self.root_tree.level, extent_tree_addr=self.extent_tree.root_ptr[0],
             extent_tree_gen=self.extent_tree.root_ptr[1], extent_tree_level=self.extent_tree.level)
@@ -759,6 +769,7 @@ class Volume:
         self.pinned = []
         self.free.new_transaction()
         self.sb = sb
+        self.new_compat = self.new_ro_compat = 0
         self.generation = transid
         self.transid = transid + 1
         self.fresh = set()

@@ -745,7 +745,10 @@ def test_fallocate_enospc_keeps_mount_writable(mount_image, tmp_path):
 
 
 def test_long_fallocate_lets_requests_run(mount_image):
-    """While a fallocate runs in pieces, lookups and reads are answered; changes wait, and all of it is kept."""
+    """Check that lookups and reads get replies while a fallocate runs in pieces.
+
+    Changes wait until the fallocate ends, and everything is kept.
+    """
     require_fuse_ops()
     mounted = mount_image(commit_interval=0.2)
     # The waiting create holds the kernel's lock on its directory, which

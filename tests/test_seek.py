@@ -560,3 +560,21 @@ def test_random_fallocate_against_model(make_image, rng):
             check_seek_against_content(fs, ino, bytes(content), rng)
     volume.commit()
     assert_clean(volume)
+
+
+def test_feature_bits_set_on_first_use(make_image, reopen):
+    """Blocks past the size set RO_COMPAT_PREALLOC, a snapshot COMPAT_SUBVOL_UUID, both at the commit."""
+    path, volume, fs = make_image()
+    assert volume.sb.ro_compat_flags == 0
+    assert volume.sb.compat_flags == 0
+    ino = fs.mknod(ondisk.ROOT_DIR_INO, b"f", 0o100644).ino
+    fs.fallocate(ino, FALLOC_FL_KEEP_SIZE, 0, 64 * KIB)
+    volume.commit()
+    volume, fs = reopen(volume)
+    assert volume.sb.ro_compat_flags == ondisk.RO_COMPAT_PREALLOC
+    assert volume.sb.compat_flags == 0
+    sv.create_snapshot(volume, b"s1")
+    volume.commit()
+    volume, fs = reopen(volume, writable=False)
+    assert volume.sb.ro_compat_flags == ondisk.RO_COMPAT_PREALLOC
+    assert volume.sb.compat_flags == ondisk.COMPAT_SUBVOL_UUID

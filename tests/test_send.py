@@ -87,9 +87,9 @@ def change_tree(fs, inos: dict) -> None:
     fs.rename(ROOT, b"replacement", ROOT, b"fifo")
     fs.rename(directory, b"caf\xe9", directory, b"-dash", RENAME_EXCHANGE)
     fs.unlink(directory, b"new\nline")
-    gone = fs.mkdir(ROOT, b"gone", 0o755)
-    mkfile(fs, gone.ino, b"file", b"inside")
-    fs.unlink(gone.ino, b"file")
+    removed_dir = fs.mkdir(ROOT, b"gone", 0o755)
+    mkfile(fs, removed_dir.ino, b"file", b"inside")
+    fs.unlink(removed_dir.ino, b"file")
     fs.rmdir(ROOT, b"gone")
     fs.setattr(inos["empty"], mode=0o600, uid=7, gid=8, mtime_ns=MTIME_NS + 2)
     fs.write(replacement, 0, b"R")
@@ -197,16 +197,16 @@ def test_parent_from_another_clone(make_image):
 
 def test_orphans_are_not_sent(make_image):
     _, volume, fs = make_image()
-    kept = mkfile(fs, ROOT, b"open-file", b"still open")
+    orphan = mkfile(fs, ROOT, b"open-file", b"still open")
     fs.unlink(ROOT, b"open-file", keep_if_open=lambda ino: True)
     volume.commit()
     sv.create_snapshot(volume, b"with-orphan")
-    assert fs.orphans() == [kept]
+    assert fs.orphans() == [orphan]
     _, target, _ = make_image()
     receive_bytes(target, send_bytes(volume, b"with-orphan"))
     copy = sv.open_filesystem(target, b"with-orphan")
     with pytest.raises(NotFound):
-        copy.get_inode(kept)
+        copy.get_inode(orphan)
     assert copy.orphans() == []
 
 

@@ -183,6 +183,8 @@ def test_constants_table_matches_ondisk():
     ("ROOT_ITEM_S", "flags", "ROOT_"),
     ("EXTENT_ITEM_S", "flags", "EXTENT_FLAG_"),
     ("SUPERBLOCK", "incompat_flags", "INCOMPAT_"),
+    ("SUPERBLOCK", "ro_compat_flags", "RO_COMPAT_"),
+    ("SUPERBLOCK", "compat_flags", "COMPAT_"),
     ("INODE_ITEM_S", "flags", "INODE_"),
 ])
 def test_flag_table_matches_ondisk(struct_name, field, prefix):
@@ -202,7 +204,11 @@ def test_known_feature_masks_documented():
     for row in incompat:
         mask |= 1 << int(row[0])
     assert mask == ondisk.INCOMPAT_KNOWN
-    assert ondisk.RO_COMPAT_KNOWN == 0, "spec/format.md says no ro_compat bits are defined"
+    for field, known in (("ro_compat_flags", ondisk.RO_COMPAT_KNOWN), ("compat_flags", ondisk.COMPAT_KNOWN)):
+        mask = 0
+        for row in tables()[("flags", f"SUPERBLOCK.{field}")]:
+            mask |= 1 << int(row[0])
+        assert mask == known, field
 
 
 # ---------------------------------------------------------------------------

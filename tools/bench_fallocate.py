@@ -3,9 +3,9 @@
 
 Each run mounts a new image (in a temporary directory under --dir), opens a
 new file and calls fallocate(2) with mode 0 for --size GiB.  Meanwhile a
-thread looks up a missing name in the mount every 10 ms: no entry or
-attribute cache answers those, so every one is a request to the mount
-process.  A run prints the fallocate time and, for the lookups that started
+thread looks up a missing name in the mount every 10 ms: the kernel
+caches neither the entry nor its attributes, so every lookup is a request
+to the mount process.  A run prints the fallocate time and, for the lookups that started
 during it, how many there were and their median and maximum latency.  The
 util-linux fallocate(1) tool would also fsync the file when it closes it,
 and that commit is left out here.

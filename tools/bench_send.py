@@ -15,7 +15,7 @@ time of the whole pipeline, both processes' start-up included.  receive
 ends with a commit, which flushes the image file with fdatasync; tar -x
 does not flush.  Each timing is the best of --runs runs.  A full run
 receives into a fresh image, and an incremental one into a fresh copy of
-the image that holds the parent.  Stream bytes are the size of the file
+the image that contains the parent.  Stream bytes are the size of the file
 ``send -f`` writes, and for tar the bytes ``tar -c`` writes.
 
     python3 tools/bench_send.py [--work DIR] [--runs 3] [--markdown]
